@@ -1,0 +1,1 @@
+"""kubellm.engine: model code, paged KV cache, continuous batching and the EngineCore process."""

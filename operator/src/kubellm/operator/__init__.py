@@ -1,0 +1,1 @@
+"""kubellm.operator: reconciles LLMServer resources (issue 4)."""

@@ -1,0 +1,1 @@
+"""kubellm.protocol: wire messages and typed settings models shared by all components."""

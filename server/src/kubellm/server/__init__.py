@@ -1,0 +1,1 @@
+"""kubellm.server: `kubellm serve`, the OpenAI-compatible API server."""
