@@ -74,7 +74,11 @@ def add_model_arguments(
 def _add_field(group: Any, section: str, name: str, info: FieldInfo) -> None:
     ann, _optional = _strip_optional(info.annotation)
     default = info.default
-    shown = "none" if default is None else (",".join(default) if isinstance(default, tuple) else default)
+    shown = (
+        "none"
+        if default is None
+        else (",".join(default) if isinstance(default, tuple) else default)
+    )
     help_text = (info.description or "").replace("%", "%%")
     help_text = f"{help_text} [env: {env_name(name)}; default: {shown}]"
     dest = f"{section}.{name}"

@@ -61,7 +61,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """None: no logprobs. k >= 0: the sampled token's logprob plus the k most likely."""
 
 
-class AddRequest(_Msg):
+class AddRequest(_Msg, frozen=True):
     """Start generating for one sequence (the API server fans `n > 1` out into n requests)."""
 
     request_id: str
@@ -73,13 +73,13 @@ class AddRequest(_Msg):
     """Which API server sent it (issue 3: several API servers per engine)."""
 
 
-class AbortRequests(_Msg):
+class AbortRequests(_Msg, frozen=True):
     """Stop these requests now and free their KV blocks; unknown ids are ignored."""
 
     request_ids: tuple[str, ...]
 
 
-class UtilityRequest(_Msg):
+class UtilityRequest(_Msg, frozen=True):
     """Call a named engine utility; answered by `UtilityResult` with the same call_id.
 
     Known methods: "ping" (→ "pong"), "get_supported_tasks" (→ list[str]),
@@ -113,7 +113,7 @@ class EngineFacts(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Free-form build/config revision; issue 3 makes heads refuse mismatching engines."""
 
 
-class EngineReady(_Msg):
+class EngineReady(_Msg, frozen=True):
     """The handshake: the engine has loaded its model and is ready for requests."""
 
     facts: EngineFacts
@@ -162,7 +162,7 @@ class SchedulerStats(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Cumulative engine steps."""
 
 
-class EngineOutputs(_Msg):
+class EngineOutputs(_Msg, frozen=True):
     """One engine step's outputs for the requests of one client."""
 
     engine_index: int
@@ -172,7 +172,7 @@ class EngineOutputs(_Msg):
     stats: SchedulerStats | None = None
 
 
-class Heartbeat(_Msg):
+class Heartbeat(_Msg, frozen=True):
     """Sent by the engine at least every `heartbeat_interval_s`, busy or idle.
 
     `seconds_since_progress` is how long ago the engine last completed a step while it had
@@ -185,14 +185,14 @@ class Heartbeat(_Msg):
     stats: SchedulerStats
 
 
-class UtilityResult(_Msg):
+class UtilityResult(_Msg, frozen=True):
     call_id: int
     engine_index: int
     result: str | int | float | bool | list[str] | dict[str, float] | None = None
     error: str | None = None
 
 
-class EngineDead(_Msg):
+class EngineDead(_Msg, frozen=True):
     """Sent once when the engine hits a fatal error, just before it exits non-zero."""
 
     engine_index: int

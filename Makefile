@@ -1,0 +1,26 @@
+# Developer targets; the README's two commands (scripts/serve.sh, scripts/test.sh) need no make.
+.PHONY: help setup serve test test-fast lint format bench
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup:  ## create .venv and install every component (editable) and the dev tools
+	bash scripts/setup.sh
+
+serve: setup  ## serve the embedded default model on CPU at :8000
+	.venv/bin/kubellm serve
+
+test:  ## lint + the whole test suite (what CI runs)
+	bash scripts/test.sh
+
+test-fast: setup  ## the tests not marked slow
+	.venv/bin/python -m pytest -m "not slow"
+
+lint: setup  ## ruff, mypy, import-linter
+	bash scripts/lint.sh
+
+format: setup  ## apply ruff's formatting and safe fixes
+	.venv/bin/ruff format . && .venv/bin/ruff check --fix .
+
+bench: setup  ## CPU throughput: our engine vs transformers generate
+	.venv/bin/python bench/cpu_throughput.py
