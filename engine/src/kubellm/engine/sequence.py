@@ -42,6 +42,13 @@ class Sequence:
     num_sent_logprobs: int = 0
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     """One entry per generated token when sampling.logprobs is not None."""
+    error: str | None = None
+    """With finish_reason="error": why the engine failed this sequence."""
+    seq_no: int = 0
+    """Admission order, assigned by the scheduler; breaks arrival_time ties."""
+    block_hashes: list[int] = field(default_factory=list)
+    """Chained prefix-cache hashes of the leading full blocks of token_ids (computed lazily by
+    the block manager; valid as long as token_ids only grow)."""
 
     @classmethod
     def new(

@@ -95,7 +95,7 @@ def _add_field(group: Any, section: str, name: str, info: FieldInfo) -> None:
     elif get_origin(ann) is Literal:
         group.add_argument(flag_name(name), choices=[str(a) for a in get_args(ann)], **kwargs)
     else:
-        group.add_argument(flag_name(name), type=_scalar_type(ann), **kwargs)
+        group.add_argument(flag_name(name), type=_scalar_type(ann), metavar=name.upper(), **kwargs)
 
 
 def _from_env(name: str, info: FieldInfo, environ: Mapping[str, str]) -> Any:

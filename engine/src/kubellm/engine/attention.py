@@ -1,0 +1,193 @@
+"""Paged KV cache and the torch attention path.
+
+Each layer's cache is a pair of tensors `[num_blocks, block_size, num_kv_heads, head_dim]`;
+the flat slot of token position p of a sequence is
+`block_ids[p // block_size] * block_size + p % block_size` (the contract in `sequence.py`).
+
+A step's batch is flattened: the new tokens of every scheduled sequence, back to back. The
+per-step metadata (`AttentionMetadata`) is built once by the runner and shared by all layers.
+Sequences with one new token (decodes, or a one-token chunk after a prefix hit) go through one
+batched SDPA call over their contexts, gathered block by block and padded to the longest, so the
+weights are read once per step for the whole batch; longer chunks (prefills) get one causal SDPA
+call each. A Triton
+paged-attention kernel can later replace `PagedAttention.forward` behind the same metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    """A sequence with more than one new token: flat-batch tokens [start, end)."""
+
+    start: int
+    end: int
+    block_table: torch.Tensor | None
+    """Cache blocks holding its context [num_blocks]; None when nothing was computed before
+    (then the new K/V are the whole context and are used directly)."""
+    mask: torch.Tensor | None
+    """[num_new, num_blocks * block_size] bool, True where a query may attend; None means
+    plain causal."""
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """Sequences with one new token, attended together over padded contexts."""
+
+    token_idx: torch.Tensor | None
+    """Their positions in the flat batch [D]; None when every token of the step is one."""
+    block_table: torch.Tensor
+    """Cache blocks of each context, padded with block 0 [D, max_blocks]."""
+    mask: torch.Tensor
+    """[D, 1, 1, max_blocks * block_size] bool, False past each context's end."""
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    """Where to store each new token's K/V [T] (long)."""
+    decode: DecodeBatch | None
+    prefills: tuple[PrefillSegment, ...]
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One scheduled sequence as the attention metadata needs it."""
+
+    num_computed: int
+    num_new: int
+    block_ids: list[int]
+
+
+def build_attention_metadata(
+    chunks: list[SeqChunk], block_size: int, device: torch.device
+) -> AttentionMetadata:
+    """Slot mapping plus decode/prefill descriptions for a flattened batch of `chunks`."""
+    slot_mapping: list[int] = []
+    decode_idx: list[int] = []
+    decode_chunks: list[SeqChunk] = []
+    prefills: list[PrefillSegment] = []
+    offset = 0
+    for c in chunks:
+        blocks = c.block_ids
+        if len(blocks) * block_size < c.num_computed + c.num_new:
+            raise ValueError(
+                f"{len(blocks)} KV blocks of {block_size} cannot hold "
+                f"{c.num_computed + c.num_new} tokens"
+            )
+        for p in range(c.num_computed, c.num_computed + c.num_new):
+            slot_mapping.append(blocks[p // block_size] * block_size + p % block_size)
+        if c.num_new == 1:
+            decode_idx.append(offset)
+            decode_chunks.append(c)
+        else:
+            prefills.append(_prefill_segment(c, offset, block_size, device))
+        offset += c.num_new
+    decode = None
+    if decode_chunks:
+        all_decode = len(decode_idx) == offset
+        idx = None if all_decode else torch.tensor(decode_idx, dtype=torch.long, device=device)
+        decode = _decode_batch(decode_chunks, idx, block_size, device)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        decode=decode,
+        prefills=tuple(prefills),
+    )
+
+
+def _prefill_segment(
+    c: SeqChunk, offset: int, block_size: int, device: torch.device
+) -> PrefillSegment:
+    end = offset + c.num_new
+    if c.num_computed == 0:
+        return PrefillSegment(offset, end, None, None)
+    context = c.num_computed + c.num_new
+    num_blocks = (context + block_size - 1) // block_size
+    table = torch.tensor(c.block_ids[:num_blocks], dtype=torch.long, device=device)
+    q_pos = torch.arange(c.num_computed, context, device=device)
+    mask = torch.arange(num_blocks * block_size, device=device)[None, :] <= q_pos[:, None]
+    return PrefillSegment(offset, end, table, mask)
+
+
+def _decode_batch(
+    chunks: list[SeqChunk], idx: torch.Tensor | None, block_size: int, device: torch.device
+) -> DecodeBatch:
+    lens = [c.num_computed + 1 for c in chunks]
+    max_blocks = (max(lens) + block_size - 1) // block_size
+    table = torch.tensor(
+        [c.block_ids[:max_blocks] + [0] * (max_blocks - len(c.block_ids)) for c in chunks],
+        dtype=torch.long,
+        device=device,
+    )
+    lens_t = torch.tensor(lens, dtype=torch.long, device=device)
+    mask = torch.arange(max_blocks * block_size, device=device)[None, :] < lens_t[:, None]
+    return DecodeBatch(idx, table, mask[:, None, None, :])
+
+
+class PagedAttention(nn.Module):
+    """Stores the new K/V in this layer's cache, then attends over each sequence's context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq * D]."""
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+        out = torch.empty_like(q)
+        if meta.decode is not None:
+            self._decode(q, meta.decode, out)
+        for seg in meta.prefills:
+            out[seg.start : seg.end] = self._prefill(q, k, v, seg)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Whole blocks [..., num_blocks] -> [..., num_blocks * block_size, Hk, D] (a copy)."""
+        blocks = cache.index_select(0, table.flatten())
+        return blocks.view(*table.shape[:-1], -1, self.num_kv_heads, self.head_dim)
+
+    def _decode(self, q: torch.Tensor, batch: DecodeBatch, out: torch.Tensor) -> None:
+        qd = q if batch.token_idx is None else q[batch.token_idx]
+        n = qd.shape[0]
+        # GQA packing: the query heads sharing a KV head become that head's "query rows".
+        qd = qd.view(n, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        keys = self._gather(self.k_cache, batch.block_table).transpose(1, 2)
+        values = self._gather(self.v_cache, batch.block_table).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.mask)
+        o = o.reshape(n, self.num_heads, self.head_dim)
+        if batch.token_idx is None:
+            out.copy_(o)
+        else:
+            out[batch.token_idx] = o
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seg: PrefillSegment,
+    ) -> torch.Tensor:
+        qs = q[seg.start : seg.end].transpose(0, 1)
+        if seg.block_table is None:
+            keys = k[seg.start : seg.end].transpose(0, 1)
+            values = v[seg.start : seg.end].transpose(0, 1)
+        else:
+            keys = self._gather(self.k_cache, seg.block_table).transpose(0, 1)
+            values = self._gather(self.v_cache, seg.block_table).transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            qs, keys, values, attn_mask=seg.mask, is_causal=seg.mask is None, enable_gqa=True
+        )
+        return o.transpose(0, 1)
