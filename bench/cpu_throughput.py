@@ -3,7 +3,7 @@
 Prints one JSON line per measurement, a greedy-agreement check per batch size, and a final
 summary line with the ratio ours/theirs per batch size. See bench/README.md.
 
-    .venv/bin/python bench/cpu_throughput.py --batch-sizes 1,8 --num-requests 16
+    .venv/bin/python bench/cpu_throughput.py --batch-sizes 1,8,16 --num-requests 32
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class Measurement:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint dir (default: embedded SmolLM2)")
-    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated, e.g. 1,8")
-    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--batch-sizes", default="1,8,16", help="comma-separated, e.g. 1,8,16")
+    parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--prompt-len", default="32,128", help="min,max prompt tokens")
     parser.add_argument("--max-tokens", default="16,128", help="min,max output tokens")
     parser.add_argument("--seed", type=int, default=0)

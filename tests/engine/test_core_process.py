@@ -172,15 +172,9 @@ def test_requests_stream_and_invalid_requests_fail_alone(raw: RawClient) -> None
 
 
 def _pickle_payload(marker: Path) -> bytes:
-    # The one pickle import of the project, on purpose and in a test only: it builds the hostile
-    # frame that the engine must refuse without unpickling it (unpickling would create `marker`).
-    import pickle
-
-    class CreatesFile:
-        def __reduce__(self) -> tuple[Any, ...]:
-            return (open, (str(marker), "w"))
-
-    return pickle.dumps(CreatesFile())
+    """A hostile protocol-0 pickle stream, written by hand (the project never imports pickle):
+    unpickling it would call builtins.open(marker, "w") and so create `marker`."""
+    return b"cbuiltins\nopen\n(V" + str(marker).encode() + b"\nVw\ntR."
 
 
 def test_pickle_and_garbage_frames_are_dropped_and_the_engine_lives(raw: RawClient) -> None:

@@ -6,6 +6,7 @@ preemption (recompute) forced by a KV cache too small for all sequences at once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from kubellm.engine.llm import LLM
 from kubellm.protocol.messages import SamplingParams
 
 BS = 4
+DEVICE = os.environ.get("KUBELLM_TEST_DEVICE", "cpu")
+"""Where our engine runs (the transformers reference stays on CPU, float32). CI has no GPU;
+`KUBELLM_TEST_DEVICE=cuda` runs these same checks on one (see bench/RESULTS.md)."""
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +56,8 @@ def _llm(path: Path, num_kv_blocks: int, **kw: object) -> LLM:
         block_size=BS,
         max_model_len=64,
         max_num_batched_tokens=32,
-        device="cpu",
+        device=DEVICE,
+        dtype="float32",
         **kw,
     )
 

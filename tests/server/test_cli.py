@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kubellm.protocol.settings import FrontendSettings, ServeSettings
+from kubellm.protocol.settings import EngineSettings, FrontendSettings, ServeSettings
 from kubellm.server import cli, launcher
 
 
@@ -231,7 +231,10 @@ def test_bind_failure_is_a_startup_error() -> None:
 
 
 def test_served_model_names() -> None:
-    default = ServeSettings()
-    assert launcher.served_model_names(default, "/models/qwen-0.5b") == ("qwen-0.5b",)
+    from_dir = ServeSettings(engine=EngineSettings(model="/models/qwen-0.5b"))
+    assert launcher.served_model_names(from_dir, "/models/qwen-0.5b") == ("qwen-0.5b",)
+    embedded = ServeSettings()
+    cache_dir = "/cache/models/SmolLM2-135M-Instruct-1c0564edf901"
+    assert launcher.served_model_names(embedded, cache_dir) == ("SmolLM2-135M-Instruct",)
     named = ServeSettings(frontend=FrontendSettings(served_model_name=("a", "b")))
     assert launcher.served_model_names(named, "/models/x") == ("a", "b")

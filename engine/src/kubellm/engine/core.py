@@ -26,6 +26,7 @@ import msgspec
 import zmq
 
 from kubellm.engine.backend import EngineBackend, InvalidRequest
+from kubellm.engine.config import ModelConfig
 from kubellm.engine.dummy import DummyEngine
 from kubellm.engine.model_files import resolve_model
 from kubellm.engine.transport import (
@@ -165,7 +166,8 @@ def build_backend(settings: EngineSettings) -> EngineBackend:
     if settings.engine_backend == "dummy":
         return DummyEngine(settings)
     if settings.model is not None:
-        resolve_model(settings.model)  # fail fast on a bad path, before torch is imported
+        # Fail fast on a bad path or an unsupported checkpoint, before torch is imported.
+        ModelConfig.from_dir(resolve_model(settings.model))
     from kubellm.engine.llm_engine import LLMEngine
 
     return LLMEngine.from_settings(settings)
@@ -385,6 +387,10 @@ def run_engine_core(config: EngineCoreConfig) -> int:
         try:
             core.connect()
             backend = core.start_backend()
+        except ValueError as e:  # a user error (model dir, config, sizes): no traceback
+            logger.error("engine %d start-up failed: %s", config.engine_index, e)
+            core.send_dead(f"start-up failed: {e}")
+            return 1
         except Exception as e:
             logger.exception("engine %d start-up failed", config.engine_index)
             core.send_dead(f"start-up failed: {type(e).__name__}: {e}")

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from kubellm.engine.config import ModelNotFoundError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -33,10 +35,6 @@ CACHE_ENV = "KUBELLM_CACHE_DIR"
 
 _FINGERPRINT_HEAD = 1 << 20  # bytes hashed from the start of the GGUF file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
-
-
-class ModelNotFoundError(ValueError):
-    """The model argument does not name a usable local checkpoint."""
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> Path:

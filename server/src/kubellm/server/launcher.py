@@ -27,6 +27,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from kubellm.engine.model_files import DEFAULT_MODEL_NAME
 from kubellm.protocol.settings import FrontendSettings, ServeSettings
 from kubellm.server.app import build_app
 from kubellm.server.engine_client import EngineClient
@@ -110,15 +111,17 @@ def validate(settings: ServeSettings) -> None:
 
 def initial_model_name(settings: ServeSettings) -> str:
     """The metrics' model label before the engine reports which model directory it loaded."""
-    if settings.frontend.served_model_name:
-        return settings.frontend.served_model_name[0]
-    model = settings.engine.model
-    return Path(model).name if model else ""
+    return served_model_names(settings, settings.engine.model or "")[0]
 
 
 def served_model_names(settings: ServeSettings, model_dir: str) -> tuple[str, ...]:
-    """--served-model-name, or else the basename of the model directory."""
-    return settings.frontend.served_model_name or (Path(model_dir).name,)
+    """--served-model-name; else the embedded model's own name when no model was given; else
+    the basename of the model directory."""
+    if settings.frontend.served_model_name:
+        return settings.frontend.served_model_name
+    if settings.engine.model is None and settings.engine.engine_backend == "model":
+        return (DEFAULT_MODEL_NAME,)
+    return (Path(model_dir).name,)
 
 
 def init_app_state(
