@@ -147,14 +147,31 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert "".join(e.token for e in content) == chat.choices[0].message.content
 
 
-def test_stop_string(client: openai.OpenAI) -> None:
+def _finished(server: RemoteServer) -> dict[str, float]:
+    """vllm:request_success_total by finished_reason."""
+    with server.http(timeout=10) as http:
+        text = http.get("/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:request_success_total{"):
+            reason = line.split('finished_reason="')[1].split('"')[0]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_stop_string(server: RemoteServer, client: openai.OpenAI) -> None:
     full = client.completions.create(model="tiny", prompt="stop", max_tokens=20).choices[0].text
     stop = full[6:9]
     cut = full.find(stop)
+    before = _finished(server)
     out = client.completions.create(model="tiny", prompt="stop", max_tokens=20, stop=[stop])
     assert out.choices[0].text == full[:cut]
     assert out.choices[0].finish_reason == "stop"
     assert (out.choices[0].model_extra or {})["stop_reason"] == stop
+    after = _finished(server)
+    # The engine request was aborted to stop it, but the request finished with "stop".
+    assert after["stop"] == before.get("stop", 0) + 1
+    assert after["abort"] == before.get("abort", 0)
 
 
 def test_stop_token_id(client: openai.OpenAI, tok: Tokenizer) -> None:

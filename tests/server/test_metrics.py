@@ -137,3 +137,23 @@ async def test_http_metrics_use_route_templates() -> None:
         == 1
     )
     assert ("http_request_duration_seconds_count", key[:2]) in got
+
+
+def test_counters_exist_at_zero_from_the_first_engine_report() -> None:
+    metrics = PrometheusMetrics("m")
+    metrics.record_engine_stats(0, SchedulerStats())
+    got = samples(metrics)
+    for name in (
+        "vllm:prefix_cache_hits_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+    ):
+        assert got[(name, LABELS)] == 0, name
+    for reason in ("stop", "length", "abort", "error"):
+        assert got[("vllm:request_success_total", labels(finished_reason=reason))] == 0
+    metrics.set_model_name("renamed")
+    metrics.record_engine_stats(0, SchedulerStats())
+    renamed = tuple(sorted({"engine": "0", "model_name": "renamed"}.items()))
+    assert samples(metrics)[("vllm:prefix_cache_hits_total", renamed)] == 0

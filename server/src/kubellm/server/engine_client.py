@@ -387,7 +387,8 @@ class EngineClient:
             raise
         except (asyncio.CancelledError, GeneratorExit):
             if not finished:
-                rs.finish_reason = "abort"
+                # The consumer may have finished it ("stop": a stop string matched).
+                rs.finish_reason = rs.finish_reason or "abort"
                 self._abort_in_background(request_id)
             raise
         finally:

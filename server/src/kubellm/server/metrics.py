@@ -8,6 +8,7 @@ requests by route template (never by raw path, which would let clients create se
 from __future__ import annotations
 
 import time
+import typing
 
 from fastapi import APIRouter, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,10 +17,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kubellm.protocol.messages import SchedulerStats
+from kubellm.protocol.messages import FinishReason, SchedulerStats
 from kubellm.server.stats import RequestStats
 
 _LABELS = ("model_name", "engine")
+FINISH_REASONS: tuple[FinishReason, ...] = typing.get_args(FinishReason)
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -58,6 +60,7 @@ class PrometheusMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         self._last: dict[int, SchedulerStats] = {}
+        self._touched: set[tuple[str, str]] = set()
         self._make_engine_metrics()
         self._make_request_metrics(max_model_len or DEFAULT_MAX_TOKENS_BUCKET)
         self.http_requests = Counter(
@@ -148,9 +151,28 @@ class PrometheusMetrics:
         for collector in (self.running, self.waiting, self.kv_usage, self.preemptions,
                           self.prefix_queries, self.prefix_hits):  # fmt: skip
             collector.clear()
+        self._touched.clear()
+
+    def _touch(self, labels: tuple[str, str]) -> None:
+        """Create the counters' series at 0 (as vLLM does), so dashboards and rate() see them
+        before the first event."""
+        if labels in self._touched:
+            return
+        self._touched.add(labels)
+        for counter in (
+            self.preemptions,
+            self.prefix_queries,
+            self.prefix_hits,
+            self.prompt_tokens,
+            self.generation_tokens,
+        ):
+            counter.labels(*labels)
+        for reason in FINISH_REASONS:
+            self.request_success.labels(*labels, reason)
 
     def record_engine_stats(self, engine_index: int, stats: SchedulerStats) -> None:
         labels = (self.model_name, str(engine_index))
+        self._touch(labels)
         self.running.labels(*labels).set(stats.num_running)
         self.waiting.labels(*labels).set(stats.num_waiting)
         self.kv_usage.labels(*labels).set(stats.kv_cache_usage)

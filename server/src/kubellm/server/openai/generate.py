@@ -106,6 +106,7 @@ async def run_choice(
             )
             if detok.stopped:
                 delta.finish_reason, delta.stop_reason = "stop", detok.stop_reason
+                stats.finish_reason = "stop"  # recorded as such, though the engine sees an abort
             elif out.finish_reason is not None:
                 delta.text += detok.flush()
                 delta.finish_reason = out.finish_reason
