@@ -22,22 +22,6 @@ DEVICE = os.environ.get("KUBELLM_TEST_DEVICE", "cpu")
 `KUBELLM_TEST_DEVICE=cuda` runs these same checks on one (see bench/RESULTS.md)."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("tiny_ckpt")
-    return {kind: tc.cached_checkpoint(kind, base) for kind in tc.KINDS}
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, tc.VOCAB, (n,), generator=gen).tolist()
-
-
 def _reference(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
     """transformers greedy generate, one prompt at a time, stopping at EOS like the engine."""
     hf = tc.load_hf(path)
@@ -68,11 +52,11 @@ def test_mixed_batch_and_prefix_hits(tiny_dirs: dict[str, Path], kind: str) -> N
     path = tiny_dirs[kind]
     llm = _llm(path, num_kv_blocks=128)
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
-    prompts = [_prompt(n, seed) for seed, n in enumerate((3, 41, 9, 17, 26))]
+    prompts = [tc.random_prompt(n, seed) for seed, n in enumerate((3, 41, 9, 17, 26))]
     results = llm.generate(prompts, greedy)
     assert [r.token_ids for r in results] == _reference(path, prompts, 12)
     # Second round: prompts sharing the first ones' full blocks hit the prefix cache.
-    shared = [prompts[1][:32] + _prompt(5, 10), prompts[3][:16] + _prompt(1, 11)]
+    shared = [prompts[1][:32] + tc.random_prompt(5, 10), prompts[3][:16] + tc.random_prompt(1, 11)]
     again = llm.generate(shared, greedy)
     assert all(r.num_cached_tokens >= 16 for r in again)
     assert [r.token_ids for r in again] == _reference(path, shared, 12)
@@ -82,7 +66,7 @@ def test_mixed_batch_and_prefix_hits(tiny_dirs: dict[str, Path], kind: str) -> N
 def test_preemption_keeps_greedy_output(tiny_dirs: dict[str, Path]) -> None:
     path = tiny_dirs["qwen2"]
     llm = _llm(path, num_kv_blocks=18, max_num_seqs=8)  # 72 tokens for ~5 x 40 needed
-    prompts = [_prompt(n, 30 + seed) for seed, n in enumerate((12, 20, 7, 15, 10))]
+    prompts = [tc.random_prompt(n, 30 + seed) for seed, n in enumerate((12, 20, 7, 15, 10))]
     greedy = SamplingParams(max_tokens=24, temperature=0.0)
     results = llm.generate(prompts, greedy)
     assert llm.engine.stats().num_preemptions > 0
@@ -92,7 +76,7 @@ def test_preemption_keeps_greedy_output(tiny_dirs: dict[str, Path]) -> None:
 @pytest.mark.slow
 def test_seeded_sampling_survives_preemption(tiny_dirs: dict[str, Path]) -> None:
     path = tiny_dirs["llama_untied"]
-    prompts = [_prompt(n, 40 + seed) for seed, n in enumerate((14, 9, 18, 11))]
+    prompts = [tc.random_prompt(n, 40 + seed) for seed, n in enumerate((14, 9, 18, 11))]
     params = [
         SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=100 + i, ignore_eos=True)
         for i in range(len(prompts))
@@ -109,7 +93,7 @@ def test_seeded_sampling_survives_preemption(tiny_dirs: dict[str, Path]) -> None
 @pytest.mark.slow
 def test_logprobs_match_transformers(tiny_dirs: dict[str, Path]) -> None:
     path = tiny_dirs["qwen3"]
-    prompt = _prompt(11, 50)
+    prompt = tc.random_prompt(11, 50)
     sp = SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True)
     result = _llm(path, num_kv_blocks=64).generate([prompt], sp)[0]
     hf = tc.load_hf(path)

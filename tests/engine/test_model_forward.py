@@ -26,11 +26,6 @@ from kubellm.engine.models.llama import LlamaForCausalLM
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def _write_config(path: Path, cfg: dict[str, object], gen: dict[str, object] | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
@@ -169,12 +164,6 @@ def test_llama3_inv_freq_matches_transformers() -> None:
 
 
 # ---- loader -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("tiny_ckpt")
-    return {kind: tc.cached_checkpoint(kind, base) for kind in tc.KINDS}
 
 
 def _forward_logits(

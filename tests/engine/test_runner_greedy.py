@@ -22,22 +22,6 @@ BS = 4
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("tiny_ckpt")
-    return {kind: tc.cached_checkpoint(kind, base) for kind in tc.KINDS}
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, tc.VOCAB, (n,), generator=gen).tolist()
-
-
 def _reference(path: Path, prompt: list[int], n: int) -> list[int]:
     hf = tc.load_hf(path)
     ids = torch.tensor([prompt])
@@ -96,7 +80,7 @@ def _runner(path: Path, num_blocks: int = 96) -> ModelRunner:
 def test_mixed_batch_greedy_equals_generate(tiny_dirs: dict[str, Path], kind: str) -> None:
     path = tiny_dirs[kind]
     drv = Driver(_runner(path))
-    prompts = [_prompt(n, seed) for seed, n in enumerate((5, 13, 1, 30))]
+    prompts = [tc.random_prompt(n, seed) for seed, n in enumerate((5, 13, 1, 30))]
     seqs = [drv.new_seq(f"r{i}", p) for i, p in enumerate(prompts)]
     new_tokens = 10
     drv.step([(s, s.num_tokens) for s in seqs])  # one prefill step for all four
@@ -109,8 +93,8 @@ def test_mixed_batch_greedy_equals_generate(tiny_dirs: dict[str, Path], kind: st
 def test_chunked_prefill_alongside_decodes(tiny_dirs: dict[str, Path]) -> None:
     path = tiny_dirs["qwen3"]
     drv = Driver(_runner(path))
-    short = drv.new_seq("short", _prompt(6, 10))
-    long_prompt = _prompt(23, 11)
+    short = drv.new_seq("short", tc.random_prompt(6, 10))
+    long_prompt = tc.random_prompt(23, 11)
     long = drv.new_seq("long", long_prompt)
     drv.step([(short, 6), (long, 5)])  # long: chunk 1 (no sample)
     assert short.num_output_tokens == 1 and long.num_output_tokens == 0
@@ -127,12 +111,12 @@ def test_chunked_prefill_alongside_decodes(tiny_dirs: dict[str, Path]) -> None:
 def test_prefix_hit_reuses_blocks(tiny_dirs: dict[str, Path], suffix: int) -> None:
     path = tiny_dirs["llama_tied_llama3"]
     drv = Driver(_runner(path))
-    first_prompt = _prompt(14, 20)
+    first_prompt = tc.random_prompt(14, 20)
     first = drv.new_seq("a", first_prompt)
     drv.step([(first, first.num_tokens)])
     drv.decode([first], 3)
     shared_blocks = 3  # 12 tokens in full blocks
-    second_prompt = first_prompt[: shared_blocks * BS] + _prompt(suffix, 21)
+    second_prompt = first_prompt[: shared_blocks * BS] + tc.random_prompt(suffix, 21)
     second = drv.new_seq("b", second_prompt)
     second.block_ids = first.block_ids[:shared_blocks]
     second.num_computed_tokens = shared_blocks * BS

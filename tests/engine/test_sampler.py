@@ -14,11 +14,6 @@ EOS = 3
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def _seq(
     sp: SamplingParams, prompt: list[int] | None = None, output: tuple[int, ...] | list[int] = ()
 ) -> Sequence:

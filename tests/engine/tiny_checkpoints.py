@@ -101,3 +101,9 @@ def cached_checkpoint(kind: str, base: Path) -> Path:
         path = make_checkpoint(kind, base / kind)
         _CACHE[kind] = path
     return path
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    """n token ids in [3, VOCAB), reproducible from `seed` (ids 0-2 are special)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=gen).tolist()
