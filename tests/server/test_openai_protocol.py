@@ -394,6 +394,16 @@ async def test_mid_stream_engine_death(http: httpx.AsyncClient, engine: FakeEngi
             "top_logprobs",
         ),
         ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "does not exist"),
+        (
+            "/tokenize",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "continue_final_message": True,
+                "add_generation_prompt": True,
+            },
+            400,
+            "cannot both be true",
+        ),
         ("/detokenize", {"tokens": [10**6]}, 400, "out of vocabulary"),
     ],
 )

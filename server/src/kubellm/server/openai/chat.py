@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.responses import JSONResponse, Response
 
@@ -43,16 +43,24 @@ from kubellm.server.state import ServerState
 from kubellm.server.tokenizer import ChatTemplateError, Tokenizer
 
 
-def render_chat(
-    state: ServerState,
-    messages: list[ChatMessage],
-    *,
-    add_generation_prompt: bool,
-    continue_final_message: bool,
-    tools: list[dict[str, Any]] | None,
-    template_kwargs: dict[str, Any] | None,
-) -> str:
-    """The prompt text for `messages`; template errors are the request's fault (400)."""
+class ChatPrompt(Protocol):
+    """What renders a chat prompt: /v1/chat/completions and /tokenize requests both have it."""
+
+    messages: list[ChatMessage]
+    add_generation_prompt: bool
+    continue_final_message: bool
+    tools: list[dict[str, Any]] | None
+    chat_template_kwargs: dict[str, Any] | None
+
+
+def render_chat(state: ServerState, req: ChatPrompt) -> str:
+    """The prompt text for the request's messages; template errors are its fault (400)."""
+    messages = req.messages
+    if req.continue_final_message and req.add_generation_prompt:
+        raise OpenAIError(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            param="continue_final_message",
+        )
     if not messages:
         raise OpenAIError("messages must not be empty", param="messages")
     if state.chat_template is None:
@@ -65,13 +73,13 @@ def render_chat(
         text = state.tokenizer.apply_chat_template(
             state.chat_template,
             rendered,
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            **(template_kwargs or {}),
+            add_generation_prompt=req.add_generation_prompt,
+            tools=req.tools,
+            **(req.chat_template_kwargs or {}),
         )
     except ChatTemplateError as e:
         raise OpenAIError(str(e), param="messages") from e
-    if continue_final_message:
+    if req.continue_final_message:
         text = _cut_after_final_message(text, rendered[-1]["content"])
     return text
 
@@ -127,14 +135,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
     validate.check_n(state, req.num_choices)
     validate.check_logprobs(state, req.top_logprobs, "top_logprobs")
     validate.check_max_tokens_given(req.requested_max_tokens)
-    prompt_text = render_chat(
-        state,
-        req.messages,
-        add_generation_prompt=req.add_generation_prompt,
-        continue_final_message=req.continue_final_message,
-        tools=req.tools,
-        template_kwargs=req.chat_template_kwargs,
-    )
+    prompt_text = render_chat(state, req)
     prompt_ids = await encode_chat(state.tokenizer, prompt_text, req.add_special_tokens)
     validate.check_prompt(state, prompt_ids, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

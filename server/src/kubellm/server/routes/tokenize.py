@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from kubellm.server.errors import OpenAIError
 from kubellm.server.openai.chat import encode_chat, render_chat
 from kubellm.server.openai.protocol import (
     DetokenizeRequest,
@@ -26,19 +25,7 @@ async def tokenize(
     state = server_state(request)
     check_model(state, body.model)
     if isinstance(body, TokenizeChatRequest):
-        if body.continue_final_message and body.add_generation_prompt:
-            raise OpenAIError(
-                "continue_final_message and add_generation_prompt cannot both be true",
-                param="continue_final_message",
-            )
-        text = render_chat(
-            state,
-            body.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            tools=body.tools,
-            template_kwargs=body.chat_template_kwargs,
-        )
+        text = render_chat(state, body)
     else:
         text = body.prompt
     tokens = await encode_chat(state.tokenizer, text, body.add_special_tokens)
