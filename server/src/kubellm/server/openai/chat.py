@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,7 +15,6 @@ from kubellm.protocol.messages import PositionLogprobs
 from kubellm.server.errors import OpenAIError
 from kubellm.server.openai import validate
 from kubellm.server.openai.generate import (
-    DONE,
     ChoiceDelta,
     ChoiceSpec,
     EventStreamResponse,
@@ -23,7 +22,7 @@ from kubellm.server.openai.generate import (
     log_request,
     run_choice,
     sse_event,
-    stream_error_event,
+    sse_stream,
 )
 from kubellm.server.openai.protocol import (
     ChatChunkChoice,
@@ -244,7 +243,7 @@ def _usage(num_prompt_tokens: int, choices: list[_ChoiceState]) -> UsageInfo:
     )
 
 
-async def _stream(
+def _stream(
     state: ServerState,
     req: ChatCompletionRequest,
     request_id: str,
@@ -267,27 +266,25 @@ async def _stream(
         )
         return sse_event(chunk.model_dump(mode="json", exclude=exclude))
 
-    async with consume(state, streams) as deltas:
-        try:
-            for i in range(len(choices)):
-                yield event(ChatChunkChoice(index=i, delta=DeltaMessage(role=role, content="")))
-                if echo:
-                    yield event(ChatChunkChoice(index=i, delta=DeltaMessage(content=echo)))
-            async for delta in deltas:
-                new = _absorb(state, req, choices[delta.index], delta)
-                if not delta.text and not new and delta.finish_reason is None:
-                    continue
-                yield event(
-                    ChatChunkChoice(
-                        index=delta.index,
-                        delta=DeltaMessage(content=delta.text or None),
-                        logprobs=ChatLogProbs(content=new) if new else None,
-                        finish_reason=delta.finish_reason,
-                        stop_reason=delta.stop_reason,
-                    )
+    async def events(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
+        for i in range(len(choices)):
+            yield event(ChatChunkChoice(index=i, delta=DeltaMessage(role=role, content="")))
+            if echo:
+                yield event(ChatChunkChoice(index=i, delta=DeltaMessage(content=echo)))
+        async for delta in deltas:
+            new = _absorb(state, req, choices[delta.index], delta)
+            if not delta.text and not new and delta.finish_reason is None:
+                continue
+            yield event(
+                ChatChunkChoice(
+                    index=delta.index,
+                    delta=DeltaMessage(content=delta.text or None),
+                    logprobs=ChatLogProbs(content=new) if new else None,
+                    finish_reason=delta.finish_reason,
+                    stop_reason=delta.stop_reason,
                 )
-            if req.include_usage:
-                yield event(None, usage=_usage(num_prompt_tokens, choices))
-        except Exception as e:
-            yield sse_event(stream_error_event(e))
-        yield DONE
+            )
+        if req.include_usage:
+            yield event(None, usage=_usage(num_prompt_tokens, choices))
+
+    return sse_stream(state, streams, events)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse, Response
@@ -14,7 +14,6 @@ from kubellm.protocol.messages import PositionLogprobs
 from kubellm.server.errors import OpenAIError
 from kubellm.server.openai import validate
 from kubellm.server.openai.generate import (
-    DONE,
     ChoiceDelta,
     ChoiceSpec,
     EventStreamResponse,
@@ -22,7 +21,7 @@ from kubellm.server.openai.generate import (
     log_request,
     run_choice,
     sse_event,
-    stream_error_event,
+    sse_stream,
 )
 from kubellm.server.openai.protocol import (
     CompletionChoice,
@@ -224,7 +223,7 @@ def _new_logprobs(choice: _ChoiceState, before: int) -> CompletionLogProbs | Non
     )
 
 
-async def _stream(
+def _stream(
     state: ServerState,
     req: CompletionRequest,
     request_id: str,
@@ -244,27 +243,25 @@ async def _stream(
         )
         return sse_event(chunk.model_dump(mode="json", exclude=exclude))
 
-    async with consume(state, streams) as deltas:
-        try:
-            async for delta in deltas:
-                choice = choices[delta.index]
-                before = len(choice.logprobs.tokens) if choice.logprobs else 0
-                text = _absorb(state, req, choice, delta)
-                logprobs = _new_logprobs(choice, before)
-                if not text and delta.finish_reason is None and logprobs is None:
-                    continue
-                yield event(
-                    CompletionChoice(
-                        index=delta.index,
-                        text=text,
-                        logprobs=logprobs,
-                        finish_reason=delta.finish_reason,
-                        stop_reason=delta.stop_reason,
-                    )
+    async def events(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
+        async for delta in deltas:
+            choice = choices[delta.index]
+            before = len(choice.logprobs.tokens) if choice.logprobs else 0
+            text = _absorb(state, req, choice, delta)
+            logprobs = _new_logprobs(choice, before)
+            if not text and delta.finish_reason is None and logprobs is None:
+                continue
+            yield event(
+                CompletionChoice(
+                    index=delta.index,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=delta.finish_reason,
+                    stop_reason=delta.stop_reason,
                 )
-            if req.include_usage:
-                prompts = list({id(c.prompt): c.prompt for c in choices}.values())
-                yield event(None, usage=_usage(prompts, choices))
-        except Exception as e:
-            yield sse_event(stream_error_event(e))
-        yield DONE
+            )
+        if req.include_usage:
+            prompts = list({id(c.prompt): c.prompt for c in choices}.values())
+            yield event(None, usage=_usage(prompts, choices))
+
+    return sse_stream(state, streams, events)

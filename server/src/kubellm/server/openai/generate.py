@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,3 +233,19 @@ async def consume(
             await deltas.aclose()
         finally:
             state.server_load -= 1
+
+
+async def sse_stream(
+    state: ServerState,
+    streams: list[AsyncGenerator[ChoiceDelta, None]],
+    events: Callable[[AsyncIterator[ChoiceDelta]], AsyncIterator[str]],
+) -> AsyncGenerator[str, None]:
+    """The SSE body of a streaming response: the events `events` makes of the merged deltas;
+    an error (engine death, a failed request) becomes one error event; [DONE] always ends it."""
+    async with consume(state, streams) as deltas:
+        try:
+            async for event in events(deltas):
+                yield event
+        except Exception as e:
+            yield sse_event(stream_error_event(e))
+        yield DONE
