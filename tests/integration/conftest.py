@@ -89,6 +89,7 @@ class RemoteServer:
         uds: str | None = None,
         host: str = "127.0.0.1",
         wait_healthy: bool = True,
+        prefix: list[str] | None = None,
     ) -> None:
         self.args = list(args)
         self.uds = uds
@@ -103,7 +104,9 @@ class RemoteServer:
             extra = ["--port", str(self.port)]
         if uds is None and "--host" not in self.args:
             extra += ["--host", host]
-        self.command = [str(KUBELLM), "serve", *self.args, *extra]
+        # `prefix` runs it elsewhere, e.g. ["ip", "netns", "exec", NAME]; that execs in place,
+        # so `proc.pid` is still the server's.
+        self.command = [*(prefix or []), str(KUBELLM), "serve", *self.args, *extra]
         self.env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in __exit__
             prefix="kubellm-serve-", suffix=".log", delete=False

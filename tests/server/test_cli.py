@@ -246,3 +246,154 @@ def test_served_model_names() -> None:
     assert launcher.served_model_names(embedded, cache_dir) == ("SmolLM2-135M-Instruct",)
     named = ServeSettings(frontend=FrontendSettings(served_model_name=("a", "b")))
     assert launcher.served_model_names(named, "/models/x") == ("a", "b")
+
+
+# ------------------------------------------------------------------ shapes and parallel flags
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--headless", "--api-server-count", "2"], ["--headless", "--api-server-count"]),
+        (
+            ["--data-parallel-size", "2", "--data-parallel-start-rank", "2", "--headless"],
+            ["--data-parallel-start-rank", "--data-parallel-size"],
+        ),
+        (
+            [
+                "--headless",
+                "--data-parallel-size",
+                "4",
+                "--data-parallel-start-rank",
+                "2",
+                "--data-parallel-size-local",
+                "3",
+            ],
+            ["--data-parallel-start-rank", "--data-parallel-size-local", "--data-parallel-size"],
+        ),
+        (["--api-server-count", "0"], ["--api-server-count", "--headless"]),
+        (
+            ["--data-parallel-size", "2", "--data-parallel-address", "0.0.0.0"],
+            ["--data-parallel-address"],
+        ),
+        (["--data-parallel-address", "::"], ["--data-parallel-address"]),
+        (
+            ["--data-parallel-size", "2", "--min-ready-engines", "3"],
+            ["--min-ready-engines", "--data-parallel-size"],
+        ),
+        (["--data-parallel-start-rank", "1", "--data-parallel-size", "2"], ["--headless"]),
+        (["--headless", "--data-parallel-size-local", "0"], ["--headless"]),
+    ],
+)
+def test_incoherent_parallel_flags_exit_2_naming_them(
+    argv: list[str], named: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _exit_message(["serve", *argv], capsys)
+    assert "kubellm serve: error:" in err
+    for flag in named:
+        assert flag in err, (flag, err)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ServeSettings]] = []
+
+    def shape(self, name: str) -> Any:
+        def run(settings: ServeSettings) -> int:
+            self.calls.append((name, settings))
+            return 7
+
+        return run
+
+
+@pytest.mark.parametrize(
+    ("argv", "shape"),
+    [
+        ([], "single"),
+        (["--data-parallel-size", "1", "--api-server-count", "1"], "single"),
+        (["--api-server-count", "2"], "multi"),
+        (["--data-parallel-size", "2"], "multi"),  # N defaults to the data-parallel size
+        (["--data-parallel-size", "2", "--api-server-count", "1"], "single"),
+        (
+            ["--data-parallel-size", "2", "--data-parallel-start-rank", "1", "--headless"],
+            "headless",
+        ),
+    ],
+)
+def test_serve_dispatches_on_the_shape(
+    argv: list[str], shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubellm.protocol import logs
+    from kubellm.server import supervisor
+
+    recorder = _Recorder()
+    monkeypatch.setattr(logs, "configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "run_server", recorder.shape("single"))
+    monkeypatch.setattr(supervisor, "run_multi", recorder.shape("multi"))
+    monkeypatch.setattr(supervisor, "run_headless", recorder.shape("headless"))
+    assert cli.main(["serve", *argv], environ={}) == 7
+    assert [name for name, _ in recorder.calls] == [shape]
+
+
+def test_zmq_keys_writes_both_key_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    assert cli.main(["zmq-keys", str(keys)]) == 0
+    out = capsys.readouterr().out
+    names = {"head.key", "head.key_secret", "engine.key", "engine.key_secret"}
+    assert {p.name for p in keys.iterdir()} == names
+    for name in names:
+        assert f"wrote {keys / name}" in out
+    assert "head pods (API servers) need: head.key_secret, engine.key" in out
+    assert "engine pods (--headless) need: engine.key_secret, head.key" in out
+    for secret in ("head.key_secret", "engine.key_secret"):
+        assert (keys / secret).stat().st_mode & 0o077 == 0
+        public, private = zmq.auth.load_certificate(keys / secret)
+        assert private is not None
+        assert zmq.auth.load_certificate(keys / secret.replace("_secret", ""))[0] == public
+
+
+def test_zmq_keys_keeps_existing_keys_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["zmq-keys", str(tmp_path)]) == 0
+    before = (tmp_path / "head.key_secret").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["zmq-keys", str(tmp_path)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "head.key_secret").read_bytes() == before
+    assert cli.main(["zmq-keys", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "head.key_secret").read_bytes() != before
+
+
+def test_api_server_config_round_trips_the_settings() -> None:
+    from kubellm.server.supervisor import ApiServerConfig
+
+    settings = _parse(
+        ["serve", "/m", "--api-server-count", "3", "--api-key", "k", "--served-model-name", "a"]
+    )
+    config = ApiServerConfig(
+        settings=settings,
+        client_index=2,
+        client_input="ipc:///tmp/x/input-2",
+        client_output="ipc:///tmp/x/output-2",
+        listen_fd=5,
+        supervisor_pid=1234,
+    )
+    again = ApiServerConfig.model_validate_json(config.model_dump_json())
+    assert again == config
+    assert again.settings.frontend.api_key == ("k",)
+    assert again.settings.parallel.api_servers == 3
+
+
+def test_api_server_rejects_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from kubellm.server.supervisor import api_server_main
+
+    with pytest.raises(SystemExit) as info:
+        api_server_main(["--config-json", '{"client_index": -1, "listen_fd": "secret-key"}'])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid --config-json" in err
+    assert "client_index: Input should be greater than or equal to 0" in err
+    assert "secret-key" not in err

@@ -246,32 +246,54 @@ class EchoBody(BaseModel):
 
 
 class FakeEngine:
-    def __init__(self) -> None:
+    """What the probes and `ServerState.facts` read of an `EngineClient`."""
+
+    def __init__(self, required: int = 1) -> None:
         self.dead: Exception | None = None
         self.num_in_flight = 0
+        self.num_ready = 1
+        self.required = required
 
     @property
     def errored(self) -> bool:
         return self.dead is not None
+
+    @property
+    def ready(self) -> bool:
+        return not self.errored and self.num_ready >= self.required
+
+    @property
+    def facts(self) -> Any:
+        from kubellm.server.errors import EngineUnavailableError
+
+        if self.num_ready == 0:
+            raise EngineUnavailableError("no engine is ready")
+        return "facts of the first ready engine"
 
     async def check_health(self) -> None:
         if self.dead is not None:
             raise self.dead
 
 
-def fake_app(**frontend: Any) -> tuple[Any, Any]:
+def fake_app(parallel: dict[str, Any] | None = None, **frontend: Any) -> tuple[Any, Any]:
     from fastapi import FastAPI
 
-    from kubellm.protocol.settings import FrontendSettings, ServeSettings
+    from kubellm.protocol.settings import FrontendSettings, ParallelSettings, ServeSettings
     from kubellm.server.app import build_app
-    from kubellm.server.errors import EngineDeadError, EngineGenerateError, OpenAIError
+    from kubellm.server.errors import (
+        EngineDeadError,
+        EngineGenerateError,
+        EngineUnavailableError,
+        OpenAIError,
+    )
     from kubellm.server.state import ServerState
 
-    settings = ServeSettings(frontend=FrontendSettings(**frontend))
+    settings = ServeSettings(
+        frontend=FrontendSettings(**frontend), parallel=ParallelSettings(**(parallel or {}))
+    )
     state = ServerState(
         settings=settings,
-        engine=FakeEngine(),  # type: ignore[arg-type]
-        facts=None,  # type: ignore[arg-type]
+        engine=FakeEngine(settings.parallel.required_engines),  # type: ignore[arg-type]
         tokenizer=None,  # type: ignore[arg-type]
         served_model_names=("m",),
         supported_tasks=(),
@@ -289,9 +311,14 @@ def fake_app(**frontend: Any) -> tuple[Any, Any]:
             "openai": OpenAIError("bad n", status=422, type="UnprocessableEntityError", param="n"),
             "generate": EngineGenerateError("step failed"),
             "dead": EngineDeadError("gone"),
+            "unavailable": EngineUnavailableError("no engine has registered yet"),
             "other": RuntimeError("/secret/path/file.py exploded"),
         }
         raise errors[kind]
+
+    @app.get("/v1/facts")
+    async def facts() -> str:
+        return str(state.facts)
 
     return app, state
 
@@ -324,8 +351,53 @@ async def test_health_follows_engine_and_draining() -> None:
         assert refused.json()["error"]["type"] == "ServiceUnavailableError"
 
 
-async def test_exceptions_map_to_openai_errors() -> None:
+async def test_ready_counts_engines_and_health_ignores_remote_ones() -> None:
     from kubellm.server.errors import EngineDeadError
+
+    app, state = fake_app(
+        parallel={"data_parallel_size": 4, "data_parallel_size_local": 0, "min_ready_engines": 2}
+    )
+    state.engine.num_ready = 1
+    async with client_for(app) as client:
+        not_ready = await client.get("/ready")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["error"]["type"] == "ServiceUnavailableError"
+        assert not_ready.json()["error"]["message"] == "1 of 4 engines ready (need 2)"
+        assert (await client.get("/health")).status_code == 200  # liveness: not the engines'
+        state.engine.num_ready = 3
+        ready = await client.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json() == {
+            "ready": True,
+            "engines": {"ready": 3, "required": 2, "expected": 4},
+        }
+        state.draining = True
+        assert (await client.get("/ready")).status_code == 503
+        assert (await client.get("/health")).status_code == 503
+        state.draining = False
+        state.engine.dead = EngineDeadError("a local engine died")
+        assert (await client.get("/ready")).status_code == 503
+        assert (await client.get("/health")).status_code == 503
+
+
+async def test_facts_are_503_until_an_engine_is_ready() -> None:
+    from kubellm.server.errors import EngineUnavailableError
+
+    app, state = fake_app(api_key=("k",))
+    state.engine.num_ready = 0
+    async with client_for(app) as client:
+        response = await client.get("/v1/facts", headers={"Authorization": "Bearer k"})
+        assert response.status_code == 503
+        assert response.json()["error"]["message"] == EngineUnavailableError.CLIENT_MESSAGE
+        assert (await client.get("/ready")).status_code == 503  # no key needed for probes
+        state.engine.num_ready = 1
+        response = await client.get("/v1/facts", headers={"Authorization": "Bearer k"})
+        assert response.json() == "facts of the first ready engine"
+        assert (await client.get("/ready")).status_code == 200
+
+
+async def test_exceptions_map_to_openai_errors() -> None:
+    from kubellm.server.errors import EngineDeadError, EngineUnavailableError
 
     app, _state = fake_app()
     async with client_for(app) as client:
@@ -333,6 +405,11 @@ async def test_exceptions_map_to_openai_errors() -> None:
             "openai": (422, "UnprocessableEntityError", "bad n"),
             "generate": (500, "InternalServerError", "The engine failed to process this request."),
             "dead": (500, "InternalServerError", EngineDeadError.CLIENT_MESSAGE),
+            "unavailable": (
+                503,
+                "ServiceUnavailableError",
+                EngineUnavailableError.CLIENT_MESSAGE,
+            ),
             "other": (
                 500,
                 "InternalServerError",

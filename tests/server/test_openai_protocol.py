@@ -18,6 +18,8 @@ from starlette.responses import Response, StreamingResponse
 from test_tokenizer import build_tokenizer_dir  # type: ignore[import-not-found, unused-ignore]
 
 from kubellm.protocol.messages import (
+    PROTOCOL_VERSION,
+    EngineCompat,
     EngineFacts,
     PositionLogprobs,
     RequestOutput,
@@ -143,6 +145,7 @@ class FakeEngine:
         self.closed_early: list[str] = []
         self.die_after: int | None = None
         self.fail_after: int | None = None
+        self.facts: EngineFacts | None = None
 
     async def generate(
         self,
@@ -194,6 +197,16 @@ def engine(tok: Tokenizer) -> FakeEngine:
 def state(tok: Tokenizer, engine: FakeEngine) -> ServerState:
     facts = EngineFacts(
         engine_index=0,
+        incarnation=1,
+        compat=EngineCompat(
+            protocol_version=PROTOCOL_VERSION,
+            revision="test",
+            model_digest="0",
+            max_model_len=None,
+            dtype="float32",
+            engine_backend="dummy",
+        ),
+        host="test",
         model="/models/tiny",
         max_model_len=MAX_MODEL_LEN,
         supported_tasks=("generate",),
@@ -206,10 +219,10 @@ def state(tok: Tokenizer, engine: FakeEngine) -> ServerState:
         dtype="float32",
         pid=1,
     )
+    engine.facts = facts
     return ServerState(
         settings=ServeSettings(frontend=FrontendSettings(max_n=4, max_logprobs=5)),
         engine=cast(Any, engine),
-        facts=facts,
         tokenizer=tok,
         served_model_names=("tiny", "alias"),
         supported_tasks=("generate",),

@@ -1,6 +1,9 @@
-"""`kubellm-engine`: the EngineCore process entry point, spawned by the API server.
+"""`kubellm-engine`: the EngineCore process entry point, spawned by `kubellm serve` (the head
+or a `--headless` supervisor).
 
-Usage: `kubellm-engine --config-json '{"settings": {...}, "input_address": ..., ...}'`.
+Usage: `kubellm-engine --config-json '{"settings": {...}, "coordinator_address": ..., ...}'`.
+Exit codes: 0 after SIGTERM/SIGINT or the parent's death; 1 on failure, refusal, eviction, head
+loss or registration timeout; 2 for an invalid --config-json.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ logger = logging.getLogger("kubellm.engine.cli")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubellm-engine",
-        description="kubellm EngineCore process (started by `kubellm serve`, not by hand).",
+        description="kubellm EngineCore process, started by `kubellm serve` (a head or a --headless "
+        "host), not by hand. It registers with the head at coordinator_address and serves "
+        "every API server the head names.",
     )
     parser.add_argument(
         "--config-json",
         required=True,
-        help="EngineCoreConfig as JSON: settings, input_address, output_address, engine_index, "
-        "parent_pid.",
+        help="EngineCoreConfig as JSON: settings, coordinator_address (required), engine_index, "
+        "parent_pid, revision, head_timeout_s, registration_timeout_s, curve_dir, "
+        "monitor_address.",
     )
     parser.add_argument(
         "--log-format",

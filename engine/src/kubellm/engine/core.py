@@ -1,25 +1,32 @@
-"""The EngineCore process: drives one backend and talks to its client over ZeroMQ.
+"""The EngineCore process: registers with a head, drives one backend, serves every API server.
 
-Sockets: a DEALER (routing id = engine index) connected to the client's ROUTER carries
-`EngineReady` and then receives requests; a PUSH connected to the client's PULL carries outputs,
-utility results and `EngineDead`. A watcher thread owns a second PUSH for `Heartbeat`s (ZMQ
-sockets are not thread-safe) and checks that the parent process is still there.
+Start-up (docs/design/0003-scale-out.md): compute the engine's `EngineCompat` (a bad model
+path fails here), register with the head's coordinator (`kubellm.engine.registration`), hand
+the coordinator link to the watcher thread, load the backend, then connect a DEALER (routing id
+`engine_identity(rank, incarnation)`) and a PUSH to every client named in the `EngineWelcome`
+and send `EngineReady` on each DEALER.
 
-Exit codes: 0 after SIGTERM/SIGINT or the parent's death; 1 after a fatal error (start-up or
-loop), with `EngineDead` sent first when the sockets are up.
+The main loop polls every client's DEALER, steps the backend, and answers each request on the
+link it arrived on. The watcher (`kubellm.engine.watcher`) owns its own sockets: heartbeats to
+every client, the coordinator and the local monitor; it ends the process when the head or the
+parent goes away. State changes go to the local monitor as `EngineStatus` (never blocking).
+
+Exit codes: 0 after SIGTERM/SIGINT or the parent's death; 1 after a fatal error, a refusal, a
+registration timeout, an eviction or the head's loss. `EngineDead` goes to every link that
+exists first (`clean=True` when told to stop).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
+import secrets
 import signal
-import sys
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from types import FrameType
 
 import msgspec
@@ -29,23 +36,33 @@ from kubellm.engine.backend import EngineBackend, InvalidRequest
 from kubellm.engine.config import ModelConfig
 from kubellm.engine.dummy import DummyEngine
 from kubellm.engine.model_files import resolve_model
+from kubellm.engine.parent import set_parent_death_signal
+from kubellm.engine.registration import RegistrationFailed, register
 from kubellm.engine.transport import (
-    ENGINE_LINGER_MS,
     INPUT_HWM,
     OUTPUT_HWM,
     EngineCoreConfig,
+    curve_client,
+    engine_compat,
     engine_identity,
+    goodbye_linger_ms,
     set_socket_options,
 )
+from kubellm.engine.watcher import ProgressClock, Watcher
 from kubellm.protocol.codec import BadFrame, client_to_engine_decoder, encode
 from kubellm.protocol.messages import (
     AbortRequests,
     AddRequest,
+    EngineCompat,
     EngineDead,
+    EngineEvicted,
     EngineFacts,
+    EngineHello,
     EngineOutputs,
     EngineReady,
-    Heartbeat,
+    EngineState,
+    EngineStatus,
+    EngineWelcome,
     RequestOutput,
     SchedulerStats,
     UtilityRequest,
@@ -59,106 +76,19 @@ logger = logging.getLogger(__name__)
 
 _BUSY_POLL_MS = 0
 _MAX_MESSAGES_PER_DRAIN = 1024
-"""Messages handled between two steps at most, so a flood of requests cannot starve steps."""
+"""Messages handled per link between two steps at most, so a flood cannot starve steps."""
+_MONITOR_HWM = 100
+_MONITOR_LINGER_MS = 500
 
 UtilityValue = str | int | float | bool | list[str] | dict[str, float] | None
 
 
 class _Shutdown(BaseException):
-    """Raised by the SIGTERM/SIGINT handler to unwind the main thread for a clean exit."""
+    """Raised by the SIGTERM/SIGINT handler to unwind the main thread."""
 
 
-class ProgressClock:
-    """When the loop last made progress while it had work.
-
-    Written by the main loop, read by the watcher thread (single attribute reads and writes).
-    """
-
-    def __init__(self) -> None:
-        self._since: float | None = None
-
-    def mark_busy(self, busy: bool) -> None:
-        """Idle clears the clock; the idle → busy transition starts it."""
-        if not busy:
-            self._since = None
-        elif self._since is None:
-            self._since = time.monotonic()
-
-    def mark_step(self, busy_after: bool) -> None:
-        """A step completed: progress now (or idle, if no work is left)."""
-        self._since = time.monotonic() if busy_after else None
-
-    def seconds_since_progress(self) -> float:
-        since = self._since
-        return 0.0 if since is None else max(0.0, time.monotonic() - since)
-
-
-class Watcher(threading.Thread):
-    """Sends heartbeats on its own PUSH socket and ends the process when the parent is gone.
-
-    It keeps beating while the main thread is stuck inside a step, so a client can tell a hung
-    engine (growing `seconds_since_progress`) from a dead one (no heartbeats).
-    """
-
-    def __init__(
-        self,
-        ctx: zmq.Context[zmq.Socket[bytes]],
-        config: EngineCoreConfig,
-        clock: ProgressClock,
-        stats: Callable[[], SchedulerStats],
-    ):
-        super().__init__(name="engine-watcher", daemon=True)
-        self.ready = threading.Event()
-        """Set once EngineReady went out; heartbeats start then."""
-        self._stopping = threading.Event()
-        self._ctx, self._config, self._clock, self._stats = ctx, config, clock, stats
-        self._interval = config.settings.heartbeat_interval_s
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self.is_alive():
-            self.join(timeout=2.0)
-
-    def run(self) -> None:
-        sock = self._ctx.socket(zmq.PUSH)
-        set_socket_options(sock, receives=False, hwm=1_000, linger_ms=0)
-        sock.connect(self._config.output_address)
-        next_beat = 0.0
-        try:
-            while not self._stopping.wait(min(0.25, self._interval)):
-                if self._parent_gone():
-                    self._exit_for_parent()
-                    return
-                now = time.monotonic()
-                if self.ready.is_set() and now >= next_beat:
-                    self._beat(sock)
-                    next_beat = now + self._interval
-        finally:
-            sock.close(linger=0)
-
-    def _beat(self, sock: zmq.Socket[bytes]) -> None:
-        beat = Heartbeat(
-            engine_index=self._config.engine_index,
-            timestamp=time.time(),
-            seconds_since_progress=self._clock.seconds_since_progress(),
-            stats=self._stats(),
-        )
-        try:
-            sock.send(encode(beat), zmq.NOBLOCK)
-        except zmq.Again:
-            logger.debug("heartbeat dropped: the client is not reading")
-
-    def _parent_gone(self) -> bool:
-        parent = self._config.parent_pid
-        return parent is not None and os.getppid() != parent
-
-    def _exit_for_parent(self) -> None:
-        """Stop the main thread through SIGTERM; if it does not stop soon, exit hard."""
-        logger.error("parent process %s is gone; engine exiting", self._config.parent_pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-        if not self._stopping.wait(1.5):
-            logger.error("engine main thread did not stop; exiting hard")
-            os._exit(1)
+class _Evicted(Exception):
+    """An API server sent `EngineEvicted` (already logged at ERROR)."""
 
 
 def build_backend(settings: EngineSettings) -> EngineBackend:
@@ -174,43 +104,85 @@ def build_backend(settings: EngineSettings) -> EngineBackend:
 
 
 class EngineCore:
-    """One engine core: its sockets, its backend and the busy loop."""
+    """One engine core: its links, its backend and the busy loop."""
 
     def __init__(self, config: EngineCoreConfig):
         self.config = config
         self.index = config.engine_index
-        self.ctx = zmq.Context()
+        self.incarnation = secrets.randbits(63)
+        self.identity = engine_identity(self.index, self.incarnation)
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.clock = ProgressClock()
         self.latest_stats = SchedulerStats()
-        self.input = self.ctx.socket(zmq.DEALER)
-        self.output = self.ctx.socket(zmq.PUSH)
-        self.watcher = Watcher(self.ctx, config, self.clock, lambda: self.latest_stats)
-        self._decoder = client_to_engine_decoder()
-
-    def connect(self) -> None:
-        self.input.setsockopt(zmq.IDENTITY, engine_identity(self.index))
-        set_socket_options(self.input, receives=True, hwm=INPUT_HWM, linger_ms=0)
-        self.input.connect(self.config.input_address)
-        set_socket_options(self.output, receives=False, hwm=OUTPUT_HWM, linger_ms=0)
-        self.output.connect(self.config.output_address)
-        logger.info(
-            "engine %d connected: input %s, output %s",
-            self.index,
-            self.config.input_address,
-            self.config.output_address,
+        self.watcher = Watcher(
+            self.ctx, config, self.incarnation, self.clock, lambda: self.latest_stats, self.connect
         )
+        self.coordinator: zmq.Socket[bytes] | None = None
+        """The coordinator link while the main thread owns it (until the welcome)."""
+        self.welcomed = False
+        self.dealers: list[zmq.Socket[bytes]] = []
+        self.pushes: list[zmq.Socket[bytes]] = []
+        self.owners: dict[str, int] = {}
+        """request id → index of the client that sent it."""
+        self.poller = zmq.Poller()
+        self.monitor = self._open_monitor()
+        self._decoder = client_to_engine_decoder()
+        self._finished = False
+        self._watcher_ended = True
+        self._dropped: set[int] = set()
 
-    def start_backend(self) -> EngineBackend:
+    # -- links -----------------------------------------------------------------------------------
+
+    def connect(self, sock: zmq.Socket[bytes], address: str) -> None:
+        """Connect a socket to a head address, as a CURVE client when configured."""
+        if self.config.curve_dir:
+            curve_client(sock, self.config.curve_dir)
+        sock.connect(address)
+
+    def _open_monitor(self) -> zmq.Socket[bytes] | None:
+        if not self.config.monitor_address:
+            return None
+        sock = self.ctx.socket(zmq.PUSH)
+        set_socket_options(sock, receives=False, hwm=_MONITOR_HWM, linger_ms=0)
+        sock.connect(self.config.monitor_address)  # local ipc: no CURVE
+        return sock
+
+    def status(self, state: EngineState, detail: str = "") -> None:
+        """Tell the local monitor (if any) about a state change; never blocks."""
+        if self.monitor is None:
+            return
+        msg = EngineStatus(
+            engine_index=self.index,
+            incarnation=self.incarnation,
+            state=state,
+            detail=detail,
+            timestamp=time.time(),
+        )
+        try:
+            self.monitor.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.debug("status %s not sent: the monitor is not reading", state)
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    def start(self) -> EngineBackend:
+        """Register, load the backend and connect to every client; returns the backend."""
+        self.status("registering")
+        compat = engine_compat(self.config.settings, self.config.revision)
+        welcome = self.register(compat)
+        self.status("loading")
         started = time.monotonic()
         backend = build_backend(self.config.settings)
         self.latest_stats = backend.stats()
-        facts = self.facts(backend)
-        self.input.send(encode(EngineReady(facts=facts)))
-        self.watcher.ready.set()
+        facts = self.facts(backend, compat)
+        self.connect_clients(welcome, facts)
+        self.status("ready")
         logger.info(
-            "engine %d ready in %.1f s: model %s, max_model_len %d, %d KV blocks of %d, %s/%s",
+            "engine %d ready in %.1f s for %d API server(s): model %s, max_model_len %d, "
+            "%d KV blocks of %d, %s/%s",
             self.index,
             time.monotonic() - started,
+            len(welcome.clients),
             facts.model,
             facts.max_model_len,
             facts.num_kv_blocks,
@@ -220,9 +192,62 @@ class EngineCore:
         )
         return backend
 
-    def facts(self, backend: EngineBackend) -> EngineFacts:
+    def register(self, compat: EngineCompat) -> EngineWelcome:
+        """Register with the coordinator, then hand its link to the watcher."""
+        address = self.config.coordinator_address
+        sock = self.ctx.socket(zmq.DEALER)
+        self.coordinator = sock
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        set_socket_options(sock, receives=True, hwm=INPUT_HWM, linger_ms=0)
+        self.connect(sock, address)
+        logger.info(
+            "engine %d (incarnation %016x) registering with the head at %s",
+            self.index,
+            self.incarnation,
+            address,
+        )
+        hello = EngineHello(
+            engine_index=self.index,
+            incarnation=self.incarnation,
+            compat=compat,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        welcome = register(sock, self.config, hello)
+        self.coordinator, self.welcomed = None, True
+        self.watcher.adopt_coordinator(sock)
+        if self.config.head_timeout_s <= welcome.heartbeat_interval_s:
+            logger.warning(
+                "head timeout %g s is not longer than the head's heartbeat interval %g s",
+                self.config.head_timeout_s,
+                welcome.heartbeat_interval_s,
+            )
+        logger.info("engine %d welcomed by the head at %s", self.index, address)
+        return welcome
+
+    def connect_clients(self, welcome: EngineWelcome, facts: EngineFacts) -> None:
+        """A DEALER and a PUSH to every client; `EngineReady` on each DEALER."""
+        ready = encode(EngineReady(facts=facts))
+        for client in welcome.clients:
+            dealer = self.ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, self.identity)
+            set_socket_options(dealer, receives=True, hwm=INPUT_HWM, linger_ms=0)
+            self.connect(dealer, client.input)
+            push = self.ctx.socket(zmq.PUSH)
+            set_socket_options(push, receives=False, hwm=OUTPUT_HWM, linger_ms=0)
+            self.connect(push, client.output)
+            self.dealers.append(dealer)
+            self.pushes.append(push)
+            self.poller.register(dealer, zmq.POLLIN)
+            dealer.send(ready, zmq.NOBLOCK)
+        self.watcher.add_clients([client.output for client in welcome.clients])
+
+    def facts(self, backend: EngineBackend, compat: EngineCompat) -> EngineFacts:
         return EngineFacts(
             engine_index=self.index,
+            incarnation=self.incarnation,
+            compat=compat,
             model=backend.model,
             max_model_len=backend.max_model_len,
             supported_tasks=tuple(backend.supported_tasks),
@@ -234,7 +259,10 @@ class EngineCore:
             device=backend.device,
             dtype=backend.dtype,
             pid=os.getpid(),
+            host=socket.gethostname(),
         )
+
+    # -- the loop --------------------------------------------------------------------------------
 
     def run_loop(self, backend: EngineBackend) -> None:
         """Receive, step, send; forever (until a signal or an exception)."""
@@ -251,18 +279,21 @@ class EngineCore:
             self.send_outputs(backend, outputs)
 
     def drain_input(self, backend: EngineBackend, timeout_ms: int) -> None:
-        sock = self.input
-        if not sock.poll(timeout_ms, zmq.POLLIN):
+        ready = dict(self.poller.poll(timeout_ms))
+        if not ready:
             return
-        for _ in range(_MAX_MESSAGES_PER_DRAIN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self.handle_frames(backend, frames)
+        for client, sock in enumerate(self.dealers):
+            if sock not in ready:
+                continue
+            for _ in range(_MAX_MESSAGES_PER_DRAIN):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.handle_frames(backend, client, frames)
         self.latest_stats = backend.stats()
 
-    def handle_frames(self, backend: EngineBackend, frames: list[bytes]) -> None:
+    def handle_frames(self, backend: EngineBackend, client: int, frames: list[bytes]) -> None:
         if len(frames) != 1:
             logger.warning("dropped a message of %d frames (expected 1)", len(frames))
             return
@@ -272,25 +303,35 @@ class EngineCore:
             logger.warning("dropped a bad frame of %d bytes: %s", len(frames[0]), e)
             return
         if isinstance(msg, AddRequest):
-            self.add_request(backend, msg)
+            self.add_request(backend, client, msg)
         elif isinstance(msg, AbortRequests):
-            self.send_outputs(backend, backend.abort_requests(msg.request_ids))
+            mine = [rid for rid in msg.request_ids if self.owners.get(rid) == client]
+            self.send_outputs(backend, backend.abort_requests(mine))
         elif isinstance(msg, UtilityRequest):
-            self.send(self.call_utility(backend, msg))
+            self.send_to(client, self.call_utility(backend, msg))
+        elif isinstance(msg, EngineEvicted):
+            logger.error("API server %d evicted this engine: %s", client, msg.reason)
+            raise _Evicted(f"evicted by API server {client}: {msg.reason}")
 
-    def add_request(self, backend: EngineBackend, msg: AddRequest) -> None:
+    def add_request(self, backend: EngineBackend, client: int, msg: AddRequest) -> None:
+        rid = msg.request_id
         try:
+            if rid in self.owners:
+                raise InvalidRequest(f"request id {rid!r} is already in use")
             backend.add_request(msg)
         except InvalidRequest as e:
-            logger.info("request %s refused: %s", msg.request_id, e)
+            logger.info("request %s refused: %s", rid, e)
             failed = RequestOutput(
-                request_id=msg.request_id,
+                request_id=rid,
                 new_token_ids=(),
                 finish_reason="error",
                 num_prompt_tokens=len(msg.prompt_token_ids),
                 error=str(e),
             )
-            self.send_outputs(backend, [failed])
+            self.latest_stats = backend.stats()
+            self.send_to(client, self.engine_outputs([failed]))
+            return
+        self.owners[rid] = client
 
     def call_utility(self, backend: EngineBackend, msg: UtilityRequest) -> UtilityResult:
         def reply(result: UtilityValue = None, error: str | None = None) -> UtilityResult:
@@ -311,36 +352,80 @@ class EngineCore:
             return reply(bool(backend.reset_prefix_cache()))
         return reply(error=f"unknown utility method {msg.method!r}")
 
-    def send_outputs(self, backend: EngineBackend, outputs: list[RequestOutput]) -> None:
+    def send_outputs(self, backend: EngineBackend, outputs: Iterable[RequestOutput]) -> None:
+        """Send each output to the client that owns its request (one batch per client)."""
         self.latest_stats = backend.stats()
-        if outputs:
-            self.send(
-                EngineOutputs(
-                    engine_index=self.index,
-                    outputs=tuple(outputs),
-                    timestamp=time.time(),
-                    stats=self.latest_stats,
-                )
-            )
+        batches: dict[int, list[RequestOutput]] = {}
+        for out in outputs:
+            owner = self.owners.get(out.request_id)
+            if out.finish_reason is not None:
+                self.owners.pop(out.request_id, None)
+            if owner is None:
+                logger.debug("output for unknown request %s dropped", out.request_id)
+                continue
+            batches.setdefault(owner, []).append(out)
+        for client, batch in batches.items():
+            self.send_to(client, self.engine_outputs(batch))
 
-    def send(self, msg: msgspec.Struct) -> None:
-        self.output.send(encode(msg))
+    def engine_outputs(self, outputs: list[RequestOutput]) -> EngineOutputs:
+        return EngineOutputs(
+            engine_index=self.index,
+            incarnation=self.incarnation,
+            outputs=tuple(outputs),
+            timestamp=time.time(),
+            stats=self.latest_stats,
+        )
 
-    def send_dead(self, reason: str) -> None:
-        """Best effort: queue EngineDead and let close() linger so that it gets delivered."""
+    def send_to(self, client: int, msg: msgspec.Struct) -> None:
+        """Send on a client's PUSH; a client that stopped reading loses messages, not us."""
         try:
-            self.output.send(
-                encode(EngineDead(engine_index=self.index, reason=reason)), zmq.NOBLOCK
-            )
-            self.output.setsockopt(zmq.LINGER, ENGINE_LINGER_MS)
-        except zmq.ZMQError as e:
-            logger.warning("could not send EngineDead: %s", e)
+            self.pushes[client].send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            if client not in self._dropped:
+                self._dropped.add(client)
+                logger.warning("API server %d is not reading; dropping its outputs", client)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def finish(self, reason: str, *, clean: bool, tell_head: bool = True) -> None:
+        """Say `EngineDead` on every link that exists (once). The watcher stops first (it says
+        goodbye to the head when it owns that link), so no Heartbeat follows an EngineDead.
+        Without `tell_head` (the head refused us or is gone) the API servers, which live with
+        the head, get it with a short linger: they are most likely gone too."""
+        if self._finished:
+            return
+        self._finished = True
+        dead = EngineDead(
+            engine_index=self.index, incarnation=self.incarnation, reason=reason, clean=clean
+        )
+        self._watcher_ended = self.watcher.stop(dead if self.welcomed and tell_head else None)
+        frame = encode(dead)
+        linger_ms = goodbye_linger_ms(clean or not tell_head)
+        socks = list(self.pushes)
+        if self.coordinator is not None and tell_head:
+            socks.append(self.coordinator)
+        for sock in socks:
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+                sock.setsockopt(zmq.LINGER, linger_ms)
+            except zmq.ZMQError as e:
+                logger.debug("EngineDead not sent on a link: %s", e)
+        self.status("stopped" if clean else "failed", reason)
 
     def close(self) -> None:
-        self.watcher.stop()
-        self.input.close()
-        self.output.close()
-        self.ctx.term()
+        if not self._finished:
+            self._watcher_ended = self.watcher.stop()
+        socks = [*self.dealers, *self.pushes]
+        if self.coordinator is not None:
+            socks.append(self.coordinator)
+        for sock in socks:
+            sock.close()
+        if self.monitor is not None:
+            self.monitor.close(linger=_MONITOR_LINGER_MS)
+        if self._watcher_ended:
+            self.ctx.term()
+        else:
+            logger.warning("the watcher thread did not stop; not waiting for undelivered frames")
 
 
 def _install_signal_handlers() -> None:
@@ -359,52 +444,49 @@ def _install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: have the kernel send SIGTERM when the parent exits (the watcher is the fallback).
-
-    The kernel ties this to the parent *thread* that spawned us, so the API server must spawn
-    the engine from a thread that lives as long as it does (its event loop thread).
-    """
-    if sys.platform != "linux":
-        return
+def _start_and_run(core: EngineCore) -> int:
+    """Start-up and the loop; returns the exit code of a failure (the loop never ends else)."""
+    rank = core.index
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
-            logger.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    except (OSError, AttributeError) as e:
-        logger.debug("prctl unavailable: %s", e)
+        backend = core.start()
+    except RegistrationFailed as e:  # logged where it happened
+        core.finish(str(e), clean=False, tell_head=False)
+        return 1
+    except ValueError as e:  # a user error (model dir, config, keys): no traceback
+        logger.error("engine %d start-up failed: %s", rank, e)
+        core.finish(f"start-up failed: {e}", clean=False)
+        return 1
+    except Exception as e:
+        logger.exception("engine %d start-up failed", rank)
+        core.finish(f"start-up failed: {type(e).__name__}: {e}", clean=False)
+        return 1
+    try:
+        core.run_loop(backend)
+    except _Evicted as e:  # logged where it happened
+        core.finish(str(e), clean=False)
+    except Exception as e:
+        logger.exception("engine %d failed", rank)
+        core.finish(f"{type(e).__name__}: {e}", clean=False)
+    return 1
 
 
 def run_engine_core(config: EngineCoreConfig) -> int:
     """Run an engine core until it is told to stop (0) or fails (1); returns the exit code."""
     _install_signal_handlers()
     if config.parent_pid is not None and config.parent_pid == os.getppid():
-        _set_parent_death_signal()
+        set_parent_death_signal()
     core = EngineCore(config)
     try:
         core.watcher.start()
-        try:
-            core.connect()
-            backend = core.start_backend()
-        except ValueError as e:  # a user error (model dir, config, sizes): no traceback
-            logger.error("engine %d start-up failed: %s", config.engine_index, e)
-            core.send_dead(f"start-up failed: {e}")
-            return 1
-        except Exception as e:
-            logger.exception("engine %d start-up failed", config.engine_index)
-            core.send_dead(f"start-up failed: {type(e).__name__}: {e}")
-            return 1
-        try:
-            core.run_loop(backend)
-        except Exception as e:
-            logger.exception("engine %d failed", config.engine_index)
-            core.send_dead(f"{type(e).__name__}: {e}")
-            return 1
+        return _start_and_run(core)
     except _Shutdown as e:
-        logger.info("engine %d stopping on %s", config.engine_index, e)
-        return 0
+        request = core.watcher.exit_request
+        code, reason = (request.code, request.reason) if request else (0, f"stopped ({e})")
+        if code == 0:
+            logger.info("engine %d stopping: %s", config.engine_index, reason)
+        head_gone = request is not None and request.head_gone
+        core.finish(reason, clean=code == 0, tell_head=not head_gone)
+        return code
     finally:
         with contextlib.suppress(_Shutdown):  # a second signal during clean-up
             core.close()
-    return 0  # unreachable: run_loop only ends by an exception

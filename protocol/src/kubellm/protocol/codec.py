@@ -6,7 +6,13 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from kubellm.protocol.messages import ClientToEngine, EngineToClient
+from kubellm.protocol.messages import (
+    ClientToEngine,
+    CoordinatorToEngine,
+    EngineToClient,
+    EngineToCoordinator,
+    EngineToMonitor,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest frame accepted (also set as ZMQ_MAXMSGSIZE on receiving sockets)."""
@@ -45,3 +51,21 @@ def client_to_engine_decoder(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Deco
 
 def engine_to_client_decoder(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Decoder[EngineToClient]:
     return Decoder(EngineToClient, max_bytes)  # type: ignore[arg-type]
+
+
+def engine_to_coordinator_decoder(
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Decoder[EngineToCoordinator]:
+    return Decoder(EngineToCoordinator, max_bytes)  # type: ignore[arg-type]
+
+
+def coordinator_to_engine_decoder(
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Decoder[CoordinatorToEngine]:
+    return Decoder(CoordinatorToEngine, max_bytes)  # type: ignore[arg-type]
+
+
+def engine_to_monitor_decoder(
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Decoder[EngineToMonitor]:
+    return Decoder(EngineToMonitor, max_bytes)  # type: ignore[arg-type]

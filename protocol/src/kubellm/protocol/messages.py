@@ -4,15 +4,27 @@ Every message is a `msgspec.Struct` with a tag, encoded as msgpack. Decoding is 
 frame that is not exactly one of these types (unknown tag, missing or extra fields, wrong
 types) is rejected by `kubellm.protocol.codec`; nothing is ever unpickled.
 
-Topology (one engine core, one API server; issue 3 generalises the counts):
+Topology (docs/design/0003-scale-out.md): one head with N API servers ("clients"), D engine
+cores; every engine talks to every client.
 
-* client → engine: the API server binds a ROUTER ("input") socket; each engine core connects
-  a DEALER whose routing id is its engine index (2 bytes, little endian). The engine's first
-  message on it is `EngineReady` (the handshake); the client then sends `AddRequest`,
-  `AbortRequests`, `UtilityRequest` to that routing id.
-* engine → client: the API server binds a PULL ("output") socket; each engine core connects a
-  PUSH and sends `EngineOutputs` batches, `Heartbeat`s, `UtilityResult`s and, before it dies
-  of a fatal error, one `EngineDead`.
+* engine → head registration: the head's coordinator binds a ROUTER; each engine core connects a
+  DEALER (routing id `engine_identity(rank, incarnation)`) and repeats `EngineHello` until it
+  gets `EngineWelcome` (the clients' addresses) or `EngineRefused`. Afterwards the engine sends
+  `Heartbeat`s on that link and the coordinator answers with `HeadBeat`s; an engine that hears
+  no `HeadBeat` for its head timeout exits non-zero. `EngineDead` on it says goodbye.
+* client → engine: each API server binds a ROUTER ("input") socket; each engine core connects a
+  DEALER with the same routing id. The engine's first message on it is `EngineReady` (the
+  handshake); the client then sends `AddRequest`, `AbortRequests`, `UtilityRequest` to that
+  routing id, or `EngineEvicted` to make an engine it no longer trusts exit.
+* engine → client: each API server binds a PULL ("output") socket; each engine core connects a
+  PUSH and sends `EngineOutputs` batches, `Heartbeat`s, `UtilityResult`s and, before it exits,
+  one `EngineDead`.
+* engine → local monitor (headless pods): `EngineStatus` changes and `Heartbeat`s over a PUSH to
+  the supervising `kubellm serve --headless` process, which serves /health and /metrics.
+
+`EngineHello` and `EngineRefused` are the version-stable part: their fields never change
+meaning and unknown fields are tolerated, so a head and an engine of different protocol
+versions can still tell each other why they do not match.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on any incompatible change of the messages below."""
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -70,7 +82,7 @@ class AddRequest(_Msg, frozen=True):
     arrival_time: float
     """Wall-clock seconds (time.time()) when the API server received the request."""
     client_index: int = 0
-    """Which API server sent it (issue 3: several API servers per engine)."""
+    """Which API server sent it (informational: the engine answers on the link it came from)."""
 
 
 class AbortRequests(_Msg, frozen=True):
@@ -92,10 +104,33 @@ class UtilityRequest(_Msg, frozen=True):
     client_index: int = 0
 
 
+class EngineCompat(msgspec.Struct, frozen=True):
+    """What must be equal between a head and each of its engines (checked at registration by
+    the coordinator and again by each API server on `EngineReady`). Unknown fields are
+    tolerated so that a newer peer's compat still decodes and the mismatch can be named."""
+
+    protocol_version: int
+    revision: str
+    """"kubellm <version>", plus "/<--deployment-revision>" when one is given."""
+    model_digest: str
+    """sha256 over the model directory's config and tokenizer files (not the weights)."""
+    max_model_len: int | None
+    """The --max-model-len setting (None: the model's own limit)."""
+    dtype: str
+    """The --dtype setting."""
+    engine_backend: str
+    """The --engine-backend setting."""
+
+
 class EngineFacts(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """What an engine core tells its clients in the handshake."""
 
     engine_index: int
+    """The engine's data-parallel rank."""
+    incarnation: int
+    """Random per engine process: tells a restarted engine of the same rank from its
+    predecessor (it is part of the ZMQ routing id)."""
+    compat: EngineCompat
     model: str
     """The model directory the engine loaded."""
     max_model_len: int
@@ -108,9 +143,8 @@ class EngineFacts(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     device: str
     dtype: str
     pid: int
-    protocol_version: int = PROTOCOL_VERSION
-    revision: str = ""
-    """Free-form build/config revision; issue 3 makes heads refuse mismatching engines."""
+    host: str
+    """The engine's host name (its pod name in Kubernetes)."""
 
 
 class EngineReady(_Msg, frozen=True):
@@ -166,6 +200,7 @@ class EngineOutputs(_Msg, frozen=True):
     """One engine step's outputs for the requests of one client."""
 
     engine_index: int
+    incarnation: int
     outputs: tuple[RequestOutput, ...]
     timestamp: float
     """time.time() when the step finished."""
@@ -180,6 +215,7 @@ class Heartbeat(_Msg, frozen=True):
     """
 
     engine_index: int
+    incarnation: int
     timestamp: float
     seconds_since_progress: float
     stats: SchedulerStats
@@ -193,11 +229,79 @@ class UtilityResult(_Msg, frozen=True):
 
 
 class EngineDead(_Msg, frozen=True):
-    """Sent once when the engine hits a fatal error, just before it exits non-zero."""
+    """Sent once to every client (and to the coordinator) just before the engine exits: after
+    a fatal error, or `clean=True` when it was told to stop (SIGTERM)."""
 
     engine_index: int
+    incarnation: int
+    reason: str
+    clean: bool = False
+
+
+class EngineEvicted(_Msg, frozen=True):
+    """Client → engine: this API server no longer accepts the engine (it declared it dead, or
+    its facts do not match); the engine logs the reason and exits non-zero, so that Kubernetes
+    restarts it and it registers afresh."""
+
     reason: str
 
 
-ClientToEngine = AddRequest | AbortRequests | UtilityRequest
+class EngineHello(msgspec.Struct, tag=True, frozen=True):
+    """Engine → coordinator: "I am rank `engine_index`"; repeated until answered.
+    Version-stable (see the module docstring)."""
+
+    engine_index: int
+    incarnation: int
+    compat: EngineCompat
+    pid: int
+    host: str
+
+
+class ClientAddress(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where an engine connects for API server (client) `index` of the head."""
+
+    input: str
+    """ZMQ address of the client's ROUTER; the engine connects a DEALER."""
+    output: str
+    """ZMQ address of the client's PULL; the engine connects PUSH sockets."""
+
+
+class EngineWelcome(_Msg, frozen=True):
+    """Coordinator → engine: accepted. `clients[i]` is API server i's addresses."""
+
+    clients: tuple[ClientAddress, ...]
+    heartbeat_interval_s: float
+    """How often the coordinator sends `HeadBeat`s."""
+
+
+class EngineRefused(msgspec.Struct, tag=True, frozen=True):
+    """Coordinator → engine: not accepted (mismatching compat, rank out of range or held by a
+    live engine). The engine logs `reason` and exits non-zero. Version-stable."""
+
+    reason: str
+
+
+class HeadBeat(_Msg, frozen=True):
+    """Coordinator → engine, every `heartbeat_interval_s` after the welcome."""
+
+    timestamp: float
+
+
+EngineState = Literal["registering", "loading", "ready", "stopped", "failed"]
+
+
+class EngineStatus(_Msg, frozen=True):
+    """Engine → its local monitor (the `kubellm serve --headless` supervisor): a state change."""
+
+    engine_index: int
+    incarnation: int
+    state: EngineState
+    detail: str = ""
+    timestamp: float = 0.0
+
+
+ClientToEngine = AddRequest | AbortRequests | UtilityRequest | EngineEvicted
 EngineToClient = EngineReady | EngineOutputs | Heartbeat | UtilityResult | EngineDead
+EngineToCoordinator = EngineHello | Heartbeat | EngineDead
+CoordinatorToEngine = EngineWelcome | EngineRefused | HeadBeat
+EngineToMonitor = EngineStatus | Heartbeat

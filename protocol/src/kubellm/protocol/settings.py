@@ -136,11 +136,116 @@ class FrontendSettings(_Settings):
     """Log line format."""
 
 
+class ParallelSettings(_Settings):
+    """Scale-out: API server processes, data-parallel engines and headless engine hosts
+    (vLLM's flag names and meanings; see docs/design/0003-scale-out.md)."""
+
+    api_server_count: int | None = Field(default=None, ge=0, le=64)
+    """API server processes on this host, sharing the HTTP socket; each talks to every engine.
+    Default: --data-parallel-size (0 with --headless)."""
+    headless: bool = False
+    """Run engine cores only, no API server: they register with the head at
+    --data-parallel-address:--data-parallel-rpc-port. /health, /ping and /metrics for the
+    engines are served on --host:--port."""
+    data_parallel_size: int = Field(default=1, ge=1, le=1024)
+    """Engine cores in the whole deployment (ranks 0..size-1)."""
+    data_parallel_size_local: int | None = Field(default=None, ge=0, le=1024)
+    """Engine cores on this host (ranks start-rank..start-rank+local-1). Default: all of
+    --data-parallel-size. A head with 0 runs API servers only and waits for engines to dial in."""
+    data_parallel_start_rank: int = Field(default=0, ge=0)
+    """Rank of the first engine core on this host (headless hosts; a head starts at 0)."""
+    data_parallel_address: str = "127.0.0.1"
+    """The head's address: the head binds its engine sockets on it (a host name is resolved to
+    a local IP) and headless engines dial it. Never a wildcard address."""
+    data_parallel_rpc_port: int = Field(default=29550, ge=1, le=65535 - 2 * 64)
+    """The head's registration port; API server i takes the two ports after it: port+1+2i
+    (requests) and port+2+2i (outputs). Used when engines run on other hosts."""
+    min_ready_engines: int | None = Field(default=None, ge=1)
+    """The head is ready (/ready answers 200) while at least this many engines are ready.
+    Default: --data-parallel-size."""
+    head_timeout_s: float = Field(default=30.0, gt=0)
+    """A headless engine exits non-zero when it has heard nothing from the head for this long."""
+    registration_timeout_s: float = Field(default=600.0, gt=0)
+    """A headless engine exits non-zero when no head accepts it within this long."""
+    deployment_revision: str = ""
+    """A revision string (e.g. the operator's hash of the spec): a head refuses engines whose
+    revision differs from its own."""
+    zmq_curve_dir: str | None = None
+    """Directory of CURVE key files (e.g. a mounted Secret; `kubellm zmq-keys DIR` makes them):
+    engine links are then authenticated and encrypted. The head needs head.key_secret and
+    engine.key; engines need engine.key_secret and head.key."""
+
+    @property
+    def local_engines(self) -> int:
+        """Engine cores on this host."""
+        if self.data_parallel_size_local is not None:
+            return self.data_parallel_size_local
+        return self.data_parallel_size - self.data_parallel_start_rank
+
+    @property
+    def api_servers(self) -> int:
+        """API server processes on this host."""
+        if self.api_server_count is not None:
+            return self.api_server_count
+        return 0 if self.headless else self.data_parallel_size
+
+    @property
+    def required_engines(self) -> int:
+        """Engines that must be ready for the head to be ready."""
+        return self.min_ready_engines or self.data_parallel_size
+
+    @property
+    def remote_engines(self) -> bool:
+        """Whether engines on other hosts take part (engine links then use TCP)."""
+        return self.headless or self.local_engines < self.data_parallel_size
+
+    def check(self) -> None:
+        """Raise ValueError naming the flags of an incoherent combination."""
+        size, start, local = (
+            self.data_parallel_size,
+            self.data_parallel_start_rank,
+            self.local_engines,
+        )
+        if self.headless and self.api_server_count:
+            raise ValueError(
+                "--headless runs no API server: drop --api-server-count "
+                f"{self.api_server_count} (or run the head without --headless)"
+            )
+        if not self.headless and self.api_server_count == 0:
+            raise ValueError("--api-server-count 0 is only valid with --headless")
+        if start >= size:
+            raise ValueError(
+                f"--data-parallel-start-rank {start} is beyond --data-parallel-size {size} "
+                f"(ranks are 0..{size - 1})"
+            )
+        if start + local > size:
+            raise ValueError(
+                f"--data-parallel-start-rank {start} with --data-parallel-size-local {local} "
+                f"needs ranks up to {start + local - 1}, beyond --data-parallel-size {size}"
+            )
+        if self.headless and local == 0:
+            raise ValueError("--headless with --data-parallel-size-local 0 runs nothing")
+        if not self.headless and start != 0:
+            raise ValueError(
+                "only --headless hosts take a --data-parallel-start-rank; the head starts at 0"
+            )
+        if self.min_ready_engines is not None and self.min_ready_engines > size:
+            raise ValueError(
+                f"--min-ready-engines {self.min_ready_engines} is more than "
+                f"--data-parallel-size {size}"
+            )
+        if self.data_parallel_address.strip("[]") in {"0.0.0.0", "::", "*", ""}:
+            raise ValueError(
+                "--data-parallel-address must name the head's own address, not a wildcard"
+            )
+
+
 class ServeSettings(_Settings):
     """Everything `kubellm serve` accepts."""
 
     engine: EngineSettings = EngineSettings()
     frontend: FrontendSettings = FrontendSettings()
+    parallel: ParallelSettings = ParallelSettings()
 
     @model_validator(mode="after")
     def _coherent(self) -> ServeSettings:
@@ -156,4 +261,5 @@ class ServeSettings(_Settings):
             raise ValueError("--max-num-batched-tokens must be at least --block-size")
         if e.dummy_behaviour and e.engine_backend != "dummy":
             raise ValueError("--dummy-behaviour requires --engine-backend dummy")
+        self.parallel.check()
         return self

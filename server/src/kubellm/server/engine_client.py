@@ -1,48 +1,60 @@
-"""`EngineClient`: the API server's asyncio link to its engine-core process.
+"""`EngineClient`: one API server's links to its engine cores (docs/design/0003-scale-out.md).
 
-    async with EngineClient.start(settings, stats_sink) as client:
+    async with start_head(settings, stats_sink) as client:  # kubellm.server.head: single shape
         async for out in client.generate(request_id, prompt_token_ids, sampling, time.time()):
             ...
 
-Start-up binds a ROUTER (input) and a PULL (output) on ipc:// sockets in a private temp dir,
-spawns `kubellm-engine` in its own process group, and waits for `EngineReady`. Then an output
-task dispatches engine messages to per-request queues, and a monitor task declares the engine
-dead when its process exits, its heartbeats stop, it makes no progress, or it says `EngineDead`.
-Death fails every pending request and utility call with `EngineDeadError`.
+The client binds a ROUTER (input) and a PULL (output) at its `ClientAddress`; engines dial in
+after the coordinator welcomed them. Each engine that sends `EngineReady` with the head's
+`EngineCompat` gets a *slot* for its rank; a mismatching one is sent `EngineEvicted`. Requests
+go to the least loaded ready slot (`kubellm.server.balancer`).
+
+A slot dies (design note 0002, per slot) when its engine says `EngineDead`, its heartbeats stop,
+it makes no progress while it has work, its connection to this ROUTER closes, its process
+exits (engines this process spawned: `local`), or a new incarnation of its rank becomes ready.
+Death fails only that slot's requests and utility calls with `EngineDeadError`; anything the
+dead incarnation sends afterwards is answered with `EngineEvicted`, so it exits. The death of a
+local engine is fatal (`errored`): the launcher's watchdog then ends the process.
+
+Connection loss: libzmq builds without the draft API have no ROUTER_NOTIFY, so a socket monitor
+reports that *some* peer disconnected, and the client then probes each ready slot with an empty
+`AbortRequests` (a no-op for the engine): with ROUTER_MANDATORY a send to a peer whose
+connection is gone fails at once with EHOSTUNREACH.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from types import TracebackType
+from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from kubellm.engine.transport import (
     INPUT_HWM,
     OUTPUT_HWM,
-    EngineCoreConfig,
-    engine_identity,
+    compat_mismatches,
+    curve_allowed_clients,
+    curve_server,
+    parse_engine_identity,
     set_socket_options,
 )
 from kubellm.protocol.codec import BadFrame, encode, engine_to_client_decoder
 from kubellm.protocol.messages import (
-    PROTOCOL_VERSION,
     AbortRequests,
     AddRequest,
+    ClientAddress,
+    EngineCompat,
     EngineDead,
+    EngineEvicted,
     EngineFacts,
     EngineOutputs,
     EngineReady,
@@ -55,7 +67,21 @@ from kubellm.protocol.messages import (
     UtilityResult,
 )
 from kubellm.protocol.settings import ServeSettings
-from kubellm.server.errors import EngineDeadError, EngineGenerateError, EngineStartupError
+from kubellm.server.balancer import Balancer
+from kubellm.server.engine_slots import (
+    EngineView,
+    LocalEngineSet,
+    Memory,
+    Request,
+    Slot,
+    identity_of,
+)
+from kubellm.server.errors import (
+    EngineDeadError,
+    EngineGenerateError,
+    EngineStartupError,
+    EngineUnavailableError,
+)
 from kubellm.server.stats import RequestStats, StatsSink
 
 logger = logging.getLogger(__name__)
@@ -67,50 +93,72 @@ _MONITOR_INTERVAL_S = 0.1
 _LOOP_STALL_S = 1.0
 """A monitor tick later than this means the event loop itself was blocked: heartbeats may be
 queued unread, so the heartbeat check waits one more tick."""
-_KILL_WAIT_S = 5.0
-
-
-def engine_command() -> list[str]:
-    """The `kubellm-engine` console script of this Python environment (or `python -m`)."""
-    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
-        candidate = Path(folder) / "kubellm-engine"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return [str(candidate)]
-    return [sys.executable, "-m", "kubellm.engine.cli"]
+_PROBE_WINDOW_S = 1.0
+"""After a disconnect event, probe the ready slots' connections for this long."""
+_LOCAL_EXIT_GRACE_S = 0.5
+"""A local engine whose connection closed is declared dead this long later, unless its
+process exit (the more telling reason) is seen first."""
+_STARTUP_REASON_WAIT_S = 0.5
+"""How long to wait for the EngineDead of a local engine that exited during start-up."""
 
 
 class EngineClient:
-    """Spawns, watches and talks to one engine core. Use it through `EngineClient.start`."""
+    """One API server's slots, balancing and failure handling. `start()` binds the links and
+    returns at once; `wait_for_engines` waits for ranks to become ready."""
 
-    def __init__(self, settings: ServeSettings, stats: StatsSink):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        stats: StatsSink,
+        *,
+        address: ClientAddress,
+        compat: EngineCompat,
+        client_index: int = 0,
+        local: LocalEngineSet | None = None,
+        goodbye_reason: Callable[[int], str | None] | None = None,
+    ):
+        """`goodbye_reason(rank)`: why an engine that never became ready said it stopped (the
+        coordinator hears that; this client does not)."""
         self.settings = settings
+        self._goodbye_reason = goodbye_reason
         self._frontend = settings.frontend
         self._sink = stats
+        self._address = address
+        self._compat = compat
+        self._client_index = client_index
+        self._local = local
+        self._local_ranks = frozenset(local.ranks) if local is not None else frozenset()
+        self._balancer = Balancer(client_index, settings.parallel.data_parallel_size)
         self._ctx = zmq.asyncio.Context()
         self._input = self._ctx.socket(zmq.ROUTER)
         self._output = self._ctx.socket(zmq.PULL)
-        self._identity = engine_identity(0)
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._auth: AsyncioAuthenticator | None = None
         self._decoder = engine_to_client_decoder()
-        self._tmpdir: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._facts: EngineFacts | None = None
-        self._queues: dict[str, asyncio.Queue[RequestOutput | EngineDeadError]] = {}
-        self._utility: dict[int, asyncio.Future[UtilityValue]] = {}
+        self._slots: dict[int, Slot] = {}
+        """rank → its latest incarnation's slot (ready or dead)."""
+        self._evicted = Memory()
+        """Identities this client no longer accepts, with the reason."""
+        self._early_dead = Memory()
+        """EngineDead reasons of identities that never became ready here."""
+        self._warned = Memory()
+        """Identities whose eviction was logged (once each)."""
+        self._exits_seen: set[int] = set()
+        self._first_facts: EngineFacts | None = None
+        self._requests: dict[str, Request] = {}
+        self._calls: dict[int, tuple[Slot, asyncio.Future[UtilityValue]]] = {}
         self._call_ids = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._dead_error: EngineDeadError | None = None
-        self._last_heartbeat = time.monotonic()
+        self._probe_until = 0.0
+        self._started = False
+        self._stopping = False
         self._closed = False
-
-    @classmethod
-    def start(cls, settings: ServeSettings, stats: StatsSink) -> EngineClient:
-        """An async context manager: entering it starts the engine, leaving it shuts it down."""
-        return cls(settings, stats)
 
     async def __aenter__(self) -> EngineClient:
         try:
-            await self._start()
+            await self.start()
         except BaseException:
             await self.shutdown()
             raise
@@ -128,12 +176,33 @@ class EngineClient:
 
     @property
     def facts(self) -> EngineFacts:
-        if self._facts is None:
-            raise RuntimeError("the engine client is not started")
-        return self._facts
+        """The facts of the lowest-ranked ready engine, else of the first that was ready.
+        Raises EngineUnavailableError before any engine was ready."""
+        ready = self._ready_slots()
+        if ready:
+            return ready[0].facts
+        if self._first_facts is None:
+            raise EngineUnavailableError("no engine has been ready yet")
+        return self._first_facts
+
+    @property
+    def num_ready(self) -> int:
+        return len(self._ready_slots())
+
+    @property
+    def ready(self) -> bool:
+        """Whether this API server can take requests: enough engines are ready."""
+        if self.errored or self._closed:
+            return False
+        return self.num_ready >= self.settings.parallel.required_engines
+
+    def engines(self) -> list[EngineView]:
+        """Every rank seen so far (its latest incarnation), by rank."""
+        return [self._slots[rank].view() for rank in sorted(self._slots)]
 
     @property
     def errored(self) -> bool:
+        """A local engine died: fatal for this process."""
         return self._dead_error is not None
 
     @property
@@ -142,204 +211,451 @@ class EngineClient:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._queues)
+        return len(self._requests)
 
     def in_flight_request_ids(self) -> list[str]:
         """Ids of the requests whose streams are open (for draining at shutdown)."""
-        return list(self._queues)
+        return list(self._requests)
 
     async def check_health(self) -> None:
-        """Raises EngineDeadError when the engine is dead (a fresh one each call, so that
+        """Raises EngineDeadError when a local engine died (a fresh one each call, so that
         repeated health checks do not grow one exception's traceback)."""
         if self._dead_error is not None:
             raise EngineDeadError(str(self._dead_error))
 
+    def _ready_slots(self) -> list[Slot]:
+        return [self._slots[r] for r in sorted(self._slots) if self._slots[r].alive]
+
     # -- start-up -----------------------------------------------------------------------------
 
-    async def _start(self) -> None:
-        self._tmpdir = tempfile.mkdtemp(prefix="kubellm-")
-        input_address = f"ipc://{self._tmpdir}/input"
-        output_address = f"ipc://{self._tmpdir}/output"
+    async def start(self) -> None:
+        """Bind the engine links and start the background tasks; does not wait for engines."""
+        if self._started:
+            raise RuntimeError("the engine client was already started")
+        self._started = True
+        curve_dir = self.settings.parallel.zmq_curve_dir
+        if curve_dir:
+            allowed = curve_allowed_clients(curve_dir)
+            self._auth = AsyncioAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(allowed))
+            for sock in (self._input, self._output):
+                curve_server(sock, curve_dir)
         self._input.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        for sock in (self._input, self._output):
+            sock.setsockopt(zmq.IPV6, 1)  # dual stack: binds IPv6 addresses too
         set_socket_options(self._input, receives=True, hwm=INPUT_HWM, linger_ms=0)
         set_socket_options(self._output, receives=True, hwm=OUTPUT_HWM, linger_ms=0)
-        self._input.bind(input_address)
-        self._output.bind(output_address)
-        config = EngineCoreConfig(
-            settings=self.settings.engine,
-            input_address=input_address,
-            output_address=output_address,
-            engine_index=0,
-            parent_pid=os.getpid(),
-        )
-        command = [*engine_command(), "--config-json", config.model_dump_json()]
-        # Own process group: a terminal Ctrl-C reaches the server only, which then stops the
-        # engine in order; the engine's parent-death check covers a server that dies abruptly.
-        self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0)
-        timeout = self._frontend.engine_ready_timeout_s
-        logger.info(
-            "started engine process %d (backend %s); waiting up to %.0f s for it to be ready",
-            self._proc.pid,
-            self.settings.engine.engine_backend,
-            timeout,
-        )
-        started = time.monotonic()
-        self._facts = await self._wait_ready(self._proc, timeout)
-        logger.info(
-            "engine ready after %.1f s: model %s, max_model_len %d, tasks %s",
-            time.monotonic() - started,
-            self._facts.model,
-            self._facts.max_model_len,
-            ",".join(self._facts.supported_tasks),
-        )
-        self._last_heartbeat = time.monotonic()
+        self._monitor = monitor = self._input.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        for sock, address in (
+            (self._input, self._address.input),
+            (self._output, self._address.output),
+        ):
+            try:
+                sock.bind(address)
+            except zmq.ZMQError as e:
+                raise EngineStartupError(f"cannot bind the engine link {address}: {e}") from None
+        loops = {
+            "input": self._input_loop(),
+            "output": self._output_loop(),
+            "disconnects": self._disconnect_loop(monitor),
+            "monitor": self._monitor_loop(),
+        }
         self._tasks = [
-            asyncio.create_task(self._output_loop(), name="engine-output"),
-            asyncio.create_task(self._monitor_loop(), name="engine-monitor"),
+            asyncio.create_task(self._guarded(loop, name), name=f"engine-{name}")
+            for name, loop in loops.items()
         ]
+        logger.info(
+            "API server %d: engine links at %s (requests) and %s (outputs)%s",
+            self._client_index,
+            self._address.input,
+            self._address.output,
+            ", CURVE" if curve_dir else "",
+        )
 
-    async def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> EngineFacts:
-        deadline = time.monotonic() + timeout
+    async def wait_for_engines(self, ranks: Collection[int], timeout: float) -> None:
+        """Wait until each of `ranks` is ready. Raises EngineStartupError when a local engine
+        exits first (with the reason it reported, if any) or on timeout."""
+        wanted = sorted(set(ranks))
+        started = time.monotonic()
         while True:
-            code = proc.poll()
-            if code is not None:
-                reason = await self._startup_dead_reason()
-                detail = f": {reason}" if reason else " (see the engine log above)"
-                raise EngineStartupError(f"engine exited with code {code} during start-up{detail}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                proc.kill()
-                raise EngineStartupError(f"engine was not ready within {timeout:g} s")
-            if not await self._input.poll(int(min(0.1, remaining) * 1000) + 1):
+            missing = [r for r in wanted if r not in self._slots or not self._slots[r].alive]
+            if not missing:
+                break
+            await self._raise_if_exited(missing)
+            if self._closed:
+                raise EngineStartupError("the engine client was shut down during start-up")
+            if self._dead_error is not None:
+                raise EngineStartupError(f"{self._dead_error} during start-up")
+            if time.monotonic() - started >= timeout:
+                raise EngineStartupError(f"{_ranks(missing)} not ready within {timeout:g} s")
+            await asyncio.sleep(0.05)
+        if wanted:
+            logger.info("%s ready after %.1f s", _ranks(wanted), time.monotonic() - started)
+
+    async def _raise_if_exited(self, ranks: Sequence[int]) -> None:
+        if self._local is None:
+            return
+        self._check_local_exits()
+        exited = self._local.exited()
+        for rank in ranks:
+            if rank not in exited:
                 continue
-            frames = await self._input.recv_multipart()
-            msg = self._decode(frames[-1]) if len(frames) == 2 else None
-            if isinstance(msg, EngineReady):
-                return self._check_facts(msg.facts)
-            logger.warning("ignored an unexpected message during start-up: %r", msg)
-
-    async def _startup_dead_reason(self) -> str | None:
-        """The EngineDead reason the engine sent before exiting, if it did."""
-        while await self._output.poll(200):
-            msg = self._decode(await self._output.recv())
-            if isinstance(msg, EngineDead):
-                return msg.reason
-        return None
-
-    def _check_facts(self, facts: EngineFacts) -> EngineFacts:
-        if facts.protocol_version != PROTOCOL_VERSION:
+            deadline = time.monotonic() + _STARTUP_REASON_WAIT_S
+            while (reason := self._early_dead_reason(rank)) is None:
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.02)
+            detail = f": {reason}" if reason else " (see the engine log above)"
             raise EngineStartupError(
-                f"engine speaks protocol version {facts.protocol_version}, "
-                f"this server speaks {PROTOCOL_VERSION}"
+                f"engine {rank} exited with code {exited[rank]} during start-up{detail}"
             )
-        return facts
+
+    def _early_dead_reason(self, rank: int) -> str | None:
+        for identity, reason in reversed(self._early_dead.items()):
+            parsed = parse_engine_identity(identity)
+            if parsed is not None and parsed[0] == rank:
+                return reason
+        return self._goodbye_reason(rank) if self._goodbye_reason is not None else None
 
     def _decode(self, frame: bytes) -> EngineToClient | None:
         try:
             return self._decoder.decode(frame)
         except BadFrame as e:
-            logger.warning("dropped a bad frame from the engine: %s", e)
+            logger.warning("dropped a bad frame from an engine: %s", e)
             return None
 
     # -- background tasks ---------------------------------------------------------------------
 
-    async def _output_loop(self) -> None:
+    async def _input_loop(self) -> None:
+        """Handshakes (`EngineReady`) on the ROUTER."""
+        while True:
+            frames = await self._input.recv_multipart()
+            if len(frames) != 2:
+                logger.warning("dropped a %d-part message on the engine input link", len(frames))
+                continue
+            identity, payload = frames
+            msg = self._decode(payload)
+            try:
+                if isinstance(msg, EngineReady):
+                    await self._on_ready(identity, msg.facts)
+                elif identity in self._evicted:
+                    await self._evict(identity, self._evicted[identity])
+                elif msg is not None:
+                    logger.warning("ignored a %s on the engine input link", type(msg).__name__)
+            except zmq.ZMQError as e:
+                logger.warning("could not answer engine %r: %s", identity, e)
+
+    async def _guarded(self, loop: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a background loop; its failure leaves this client unable to work: fatal."""
         try:
-            while True:
-                msg = self._decode(await self._output.recv())
-                if msg is not None:
-                    self._dispatch(msg)
+            await loop
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            logger.exception("engine output handler failed")
-            self._declare_dead(f"output handler failed: {e}")
+            logger.exception("the engine %s task failed", name)
+            self._set_fatal(f"the engine {name} task failed: {e}")
 
-    def _dispatch(self, msg: EngineToClient) -> None:
-        if isinstance(msg, EngineOutputs):
-            for out in msg.outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-            if msg.stats is not None:
-                self._record_engine_stats(msg.engine_index, msg.stats)
-        elif isinstance(msg, Heartbeat):
-            self._on_heartbeat(msg)
-        elif isinstance(msg, UtilityResult):
-            future = self._utility.pop(msg.call_id, None)
-            if future is None or future.done():
-                return
-            if msg.error is not None:
-                future.set_exception(EngineGenerateError(f"engine utility failed: {msg.error}"))
-            else:
-                future.set_result(msg.result)
-        elif isinstance(msg, EngineDead):
-            self._declare_dead(f"the engine reported a fatal error: {msg.reason}")
-        else:
-            logger.warning("ignored an unexpected %s from the engine", type(msg).__name__)
+    async def _output_loop(self) -> None:
+        """Outputs, heartbeats, utility results and goodbyes on the PULL."""
+        while True:
+            msg = self._decode(await self._output.recv())
+            if msg is not None:
+                await self._dispatch(msg)
 
-    def _on_heartbeat(self, beat: Heartbeat) -> None:
-        self._last_heartbeat = time.monotonic()
-        self._record_engine_stats(beat.engine_index, beat.stats)
-        limit = self._frontend.engine_progress_timeout_s
-        if beat.seconds_since_progress > limit:
-            self._declare_dead(
-                f"no progress for {beat.seconds_since_progress:.1f} s while it had work "
-                f"(limit {limit:g} s)"
-            )
+    async def _disconnect_loop(self, monitor: zmq.asyncio.Socket) -> None:
+        """Disconnect events of the ROUTER start a round of connection probes."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._probe_until = time.monotonic() + _PROBE_WINDOW_S
 
     async def _monitor_loop(self) -> None:
-        proc = self._proc
         last_tick = time.monotonic()
-        limit = self._frontend.engine_heartbeat_timeout_s
-        while self._dead_error is None and proc is not None:
+        while True:
             await asyncio.sleep(_MONITOR_INTERVAL_S)
             now = time.monotonic()
             stalled, last_tick = now - last_tick > _LOOP_STALL_S, now
-            code = proc.poll()
-            if code is not None:
-                self._declare_dead(f"the engine process exited with code {code}")
-            elif not stalled and now - self._last_heartbeat > limit:
-                self._declare_dead(f"no heartbeat from the engine for {limit:g} s")
+            self._check_local_exits()
+            for slot in self._ready_slots():
+                self._check_slot(slot, now, stalled)
+            if now < self._probe_until:
+                await self._probe_connections(now)
 
-    def _declare_dead(self, reason: str) -> None:
-        if self._dead_error is not None or self._closed:
+    def _check_local_exits(self) -> None:
+        if self._local is None:
             return
-        logger.error("engine core is dead: %s", reason)
-        self._dead_error = EngineDeadError(f"engine core died: {reason}")
-        self._fail_pending(self._dead_error)
+        for rank, code in self._local.exited().items():
+            if rank in self._exits_seen:
+                continue
+            self._exits_seen.add(rank)
+            reason = f"the engine process exited with code {code}"
+            slot = self._slots.get(rank)
+            if slot is not None and slot.alive:
+                self._declare_dead(slot, reason)
+            else:
+                self._set_fatal(f"engine {rank}: {reason}")
 
-    def _fail_pending(self, error: EngineDeadError) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(error)
-        for future in self._utility.values():
-            if not future.done():
-                future.set_exception(EngineDeadError(str(error)))
-        self._utility.clear()
+    def _check_slot(self, slot: Slot, now: float, stalled: bool) -> None:
+        limit = self._frontend.engine_heartbeat_timeout_s
+        if not stalled and now - slot.last_heartbeat > limit:
+            self._declare_dead(slot, f"no heartbeat for {limit:g} s")
+        elif slot.disconnected_at is not None and now - slot.disconnected_at > _LOCAL_EXIT_GRACE_S:
+            self._declare_dead(slot, "its connection to this API server closed")
 
-    def _record_engine_stats(self, engine_index: int, stats: SchedulerStats) -> None:
+    async def _probe_connections(self, now: float) -> None:
+        """Find ready slots whose connection is gone (see the module docstring)."""
+        for slot in self._ready_slots():
+            if slot.disconnected_at is not None:
+                continue
+            try:
+                await self._input.send_multipart(
+                    [slot.identity, encode(AbortRequests(request_ids=()))], flags=zmq.NOBLOCK
+                )
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EHOSTUNREACH:
+                    self._connection_lost(slot, now)
+
+    def _connection_lost(self, slot: Slot, now: float) -> None:
+        if slot.local:  # give its process exit a moment to be seen: it says more
+            slot.disconnected_at = slot.disconnected_at or now
+        else:
+            self._declare_dead(slot, "its connection to this API server closed")
+
+    # -- engine messages ----------------------------------------------------------------------
+
+    async def _on_ready(self, identity: bytes, facts: EngineFacts) -> None:
+        rank, incarnation = facts.engine_index, facts.incarnation
+        if identity in self._evicted:
+            await self._evict(identity, self._evicted[identity])
+            return
+        reason = self._refusal(identity, facts)
+        if reason is not None:
+            logger.error(
+                "refusing engine %d (incarnation %016x on %s, pid %d): %s",
+                rank,
+                incarnation,
+                facts.host,
+                facts.pid,
+                reason,
+            )
+            self._evicted.remember(identity, reason)
+            self._warned.remember(identity, reason)
+            await self._evict(identity, reason)
+            return
+        if identity in self._early_dead:
+            return  # it said goodbye before its handshake was read
+        old = self._slots.get(rank)
+        if old is not None and old.identity == identity:
+            return  # a repeated handshake
+        if old is not None:
+            self._declare_dead(old, f"replaced by its new incarnation {incarnation:016x}")
+        self._slots[rank] = Slot(
+            facts=facts,
+            identity=identity,
+            local=rank in self._local_ranks,
+            last_heartbeat=time.monotonic(),
+        )
+        if self._first_facts is None:
+            self._first_facts = facts
+        logger.info(
+            "engine %d ready: incarnation %016x on %s (pid %d), model %s, max_model_len %d; "
+            "%d of %d engine(s) ready",
+            rank,
+            incarnation,
+            facts.host,
+            facts.pid,
+            facts.model,
+            facts.max_model_len,
+            self.num_ready,
+            self.settings.parallel.data_parallel_size,
+        )
+
+    def _refusal(self, identity: bytes, facts: EngineFacts) -> str | None:
+        """Why this API server does not accept an engine; None when it does."""
+        size = self.settings.parallel.data_parallel_size
+        if parse_engine_identity(identity) != (facts.engine_index, facts.incarnation):
+            return f"its routing id {identity.hex()} does not match its facts"
+        if not 0 <= facts.engine_index < size:
+            return f"rank {facts.engine_index} is outside 0..{size - 1}"
+        mismatches = compat_mismatches(self._compat, facts.compat)
+        if mismatches:
+            return "incompatible with this API server: " + "; ".join(mismatches)
+        return None
+
+    async def _dispatch(self, msg: EngineToClient) -> None:
+        if isinstance(msg, UtilityResult):
+            self._on_utility_result(msg)
+            return
+        if isinstance(msg, EngineReady):
+            logger.warning("ignored an EngineReady on the engine output link")
+            return
+        identity = identity_of(msg.engine_index, msg.incarnation)
+        slot = self._slots.get(msg.engine_index)
+        if slot is None or slot.identity != identity or not slot.alive:
+            await self._from_unknown(identity, msg)
+        elif isinstance(msg, EngineOutputs):
+            for out in msg.outputs:
+                request = self._requests.get(out.request_id)
+                if request is not None and request.slot is slot:
+                    request.queue.put_nowait(out)
+            if msg.stats is not None:
+                self._record_engine_stats(slot, msg.stats)
+        elif isinstance(msg, Heartbeat):
+            self._on_heartbeat(slot, msg)
+        else:
+            what = "it stopped" if msg.clean else "it reported a fatal error"
+            self._declare_dead(slot, f"{what}: {msg.reason}")
+
+    async def _from_unknown(
+        self, identity: bytes | None, msg: EngineOutputs | Heartbeat | EngineDead
+    ) -> None:
+        """A message from an incarnation without a ready slot: a dead one is evicted; an
+        EngineDead before the handshake is kept for start-up errors; the rest is dropped."""
+        if identity is None:
+            logger.warning("dropped a %s with a bad engine id", type(msg).__name__)
+        elif isinstance(msg, EngineDead):
+            if identity not in self._evicted:
+                self._early_dead.remember(identity, msg.reason)
+        elif identity in self._evicted:
+            await self._evict(identity, self._evicted[identity])
+
+    def _on_heartbeat(self, slot: Slot, beat: Heartbeat) -> None:
+        slot.last_heartbeat = time.monotonic()
+        self._record_engine_stats(slot, beat.stats)
+        limit = self._frontend.engine_progress_timeout_s
+        if beat.seconds_since_progress > limit:
+            self._declare_dead(
+                slot,
+                f"no progress for {beat.seconds_since_progress:.1f} s while it had work "
+                f"(limit {limit:g} s)",
+            )
+
+    def _on_utility_result(self, msg: UtilityResult) -> None:
+        entry = self._calls.get(msg.call_id)
+        if entry is None or entry[1].done():
+            return
+        future = entry[1]
+        if msg.error is not None:
+            future.set_exception(EngineGenerateError(f"engine utility failed: {msg.error}"))
+        else:
+            future.set_result(msg.result)
+
+    async def _evict(self, identity: bytes, reason: str) -> None:
+        """Tell an engine this API server no longer accepts it (it then exits)."""
+        if identity not in self._warned:
+            self._warned.remember(identity, reason)
+            parsed = parse_engine_identity(identity) or (-1, 0)
+            logger.warning("evicting engine %d (incarnation %016x): %s", *parsed, reason)
+        with contextlib.suppress(zmq.ZMQError):  # gone already, or not reading: it dies anyway
+            await self._input.send_multipart(
+                [identity, encode(EngineEvicted(reason=reason))], flags=zmq.NOBLOCK
+            )
+
+    def _record_engine_stats(self, slot: Slot, stats: SchedulerStats) -> None:
+        slot.stats = stats
+        slot.sent_since_stats = 0
         try:
-            self._sink.record_engine_stats(engine_index, stats)
+            self._sink.record_engine_stats(slot.rank, stats)
         except Exception:
             logger.exception("stats sink failed on engine stats")
+
+    # -- death --------------------------------------------------------------------------------
+
+    def _declare_dead(self, slot: Slot, reason: str) -> None:
+        """Fail the slot's requests and calls; fatal when its engine is local."""
+        if not slot.alive or self._closed:
+            return
+        slot.dead_reason = reason
+        self._evicted.remember(slot.identity, reason)
+        logger.log(
+            logging.INFO if self._stopping else logging.ERROR,
+            "engine %d (incarnation %016x on %s, pid %d) is dead: %s; failing %d request(s)",
+            slot.rank,
+            slot.facts.incarnation,
+            slot.facts.host,
+            slot.facts.pid,
+            reason,
+            len(slot.requests),
+        )
+        error = EngineDeadError(f"engine {slot.rank} died: {reason}")
+        for request_id in slot.requests:
+            self._requests[request_id].queue.put_nowait(error)
+        for call_id in slot.calls:
+            future = self._calls[call_id][1]
+            if not future.done():
+                future.set_exception(EngineDeadError(str(error)))
+        if slot.local:
+            self._set_fatal(f"engine {slot.rank}: {reason}")
+        else:
+            logger.warning("%d of %d engine(s) ready", self.num_ready, self._size)
+
+    def _set_fatal(self, reason: str) -> None:
+        if self._dead_error is not None or self._closed or self._stopping:
+            return
+        logger.error("a local engine core died: %s", reason)
+        self._dead_error = EngineDeadError(f"engine core died: {reason}")
+
+    @property
+    def _size(self) -> int:
+        return self.settings.parallel.data_parallel_size
 
     # -- requests -----------------------------------------------------------------------------
 
     def _ensure_usable(self) -> None:
-        if self._dead_error is not None:
-            raise EngineDeadError(str(self._dead_error))
         if self._closed:
             raise EngineDeadError("the engine client is shut down")
+        if self._dead_error is not None:
+            raise EngineDeadError(str(self._dead_error))
 
-    async def _send(self, msg: AddRequest | AbortRequests | UtilityRequest) -> None:
-        self._ensure_usable()
+    def _unavailable(self) -> EngineUnavailableError:
+        return EngineUnavailableError(
+            f"no engine is ready to take this request (of {self._size} expected); try again later"
+        )
+
+    async def _send(self, slot: Slot, msg: AddRequest | AbortRequests | UtilityRequest) -> None:
+        """Send to a slot's engine; EngineDeadError when its connection is gone (the slot is
+        then dead, or for a local engine about to be)."""
         try:
-            await self._input.send_multipart([self._identity, encode(msg)])
+            await self._input.send_multipart([slot.identity, encode(msg)])
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            self._declare_dead("its input socket is disconnected")
-            raise EngineDeadError(str(self._dead_error)) from e
+            self._connection_lost(slot, time.monotonic())
+            raise EngineDeadError(
+                f"engine {slot.rank} died: its connection to this API server closed"
+            ) from e
+
+    async def _submit(
+        self, request: AddRequest, queue: asyncio.Queue[RequestOutput | EngineDeadError]
+    ) -> Slot:
+        """Send a request to the least loaded ready slot, registered there. A slot whose
+        connection turns out gone is skipped (the request never reached it)."""
+        request_id = request.request_id
+        while True:
+            usable = (s for s in self._ready_slots() if s.disconnected_at is None)
+            rank = self._balancer.pick(s.load() for s in usable)
+            if rank is None:
+                raise self._unavailable()
+            slot = self._slots[rank]
+            self._requests[request_id] = Request(slot, queue)
+            slot.requests.add(request_id)
+            slot.sent_since_stats += 1
+            try:
+                await self._send(slot, request)
+                return slot
+            except EngineDeadError:
+                self._forget(request_id)
+                self._ensure_usable()
+            except BaseException:
+                self._forget(request_id)
+                self._abort_in_background(request_id, slot)  # it may have gone out
+                raise
+
+    def _forget(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            request.slot.requests.discard(request_id)
 
     async def generate(
         self,
@@ -351,26 +667,28 @@ class EngineClient:
     ) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (deltas) until one carries a finish_reason.
 
-        Raises EngineDeadError (engine gone) or EngineGenerateError (this request failed).
-        Closing or cancelling the consumer aborts the request in the engine.
+        Raises EngineUnavailableError (no engine ready; nothing was sent), EngineDeadError
+        (its engine died) or EngineGenerateError (this request failed). Closing or cancelling
+        the consumer aborts the request in the engine.
         """
         self._ensure_usable()
-        if request_id in self._queues:
+        if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        request = AddRequest(
+            request_id=request_id,
+            prompt_token_ids=tuple(prompt_token_ids),
+            sampling=sampling,
+            arrival_time=arrival_time,
+            client_index=self._client_index,
+        )
+        queue: asyncio.Queue[RequestOutput | EngineDeadError] = asyncio.Queue()
+        slot = await self._submit(request, queue)
         rs = stats if stats is not None else RequestStats(arrival_time=arrival_time)
         rs.num_prompt_tokens = len(prompt_token_ids)
         rs.max_tokens_param = sampling.max_tokens
-        queue: asyncio.Queue[RequestOutput | EngineDeadError] = asyncio.Queue()
-        self._queues[request_id] = queue
+        rs.engine_index = slot.rank
         finished = False
         try:
-            request = AddRequest(
-                request_id=request_id,
-                prompt_token_ids=tuple(prompt_token_ids),
-                sampling=sampling,
-                arrival_time=arrival_time,
-            )
-            await self._send(request)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, EngineDeadError):
@@ -389,18 +707,18 @@ class EngineClient:
             if not finished:
                 # The consumer may have finished it ("stop": a stop string matched).
                 rs.finish_reason = rs.finish_reason or "abort"
-                self._abort_in_background(request_id)
+                self._abort_in_background(request_id, slot)
             raise
         finally:
-            self._queues.pop(request_id, None)
+            self._forget(request_id)
             rs.finish_time = time.time()
             self._record_request(rs)
 
-    def _abort_in_background(self, request_id: str) -> None:
-        if self._dead_error is not None or self._closed:
+    def _abort_in_background(self, request_id: str, slot: Slot) -> None:
+        if not slot.alive or self._closed:
             return
         try:
-            task = asyncio.get_running_loop().create_task(self.abort([request_id]))
+            task = asyncio.get_running_loop().create_task(self._abort_on(slot, [request_id]))
         except RuntimeError:  # no running loop: the generator is finalised at shutdown
             return
         self._background.add(task)
@@ -413,75 +731,105 @@ class EngineClient:
             logger.exception("stats sink failed on a request")
 
     async def abort(self, request_ids: Sequence[str]) -> None:
-        """Stop these requests in the engine; their streams end with finish_reason "abort"."""
-        if not request_ids or self._dead_error is not None or self._closed:
+        """Stop these requests in their engines; their streams end with finish_reason "abort".
+        Ids that are not in flight are ignored."""
+        if self._closed:
             return
-        await self._send(AbortRequests(request_ids=tuple(request_ids)))
+        by_slot: dict[int, tuple[Slot, list[str]]] = {}
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is not None and request.slot.alive:
+                by_slot.setdefault(id(request.slot), (request.slot, []))[1].append(request_id)
+        for slot, ids in by_slot.values():
+            await self._abort_on(slot, ids)
+
+    async def _abort_on(self, slot: Slot, request_ids: list[str]) -> None:
+        if not slot.alive or self._closed:
+            return
+        with contextlib.suppress(EngineDeadError):  # its requests fail with it
+            await self._send(slot, AbortRequests(request_ids=tuple(request_ids)))
 
     async def call_utility(
-        self, method: str, *args: UtilityArg, timeout: float = 30.0
+        self,
+        method: str,
+        *args: UtilityArg,
+        timeout: float = 30.0,
+        engine_index: int | None = None,
     ) -> UtilityValue:
-        """Call an engine utility ("ping", "get_supported_tasks", "get_stats", ...)."""
+        """Call an engine utility ("ping", "get_supported_tasks", "get_stats", ...) on engine
+        `engine_index`, or on a ready engine when None."""
         self._ensure_usable()
+        slot = self._utility_slot(engine_index)
         call_id = next(self._call_ids)
         future: asyncio.Future[UtilityValue] = asyncio.get_running_loop().create_future()
-        self._utility[call_id] = future
+        self._calls[call_id] = (slot, future)
+        slot.calls.add(call_id)
+        request = UtilityRequest(
+            call_id=call_id, method=method, args=tuple(args), client_index=self._client_index
+        )
         try:
-            await self._send(UtilityRequest(call_id=call_id, method=method, args=tuple(args)))
+            await self._send(slot, request)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise TimeoutError(
-                f"engine utility {method!r} got no answer within {timeout:g} s"
+                f"engine {slot.rank} utility {method!r} got no answer within {timeout:g} s"
             ) from None
         finally:
-            self._utility.pop(call_id, None)
+            self._calls.pop(call_id, None)
+            slot.calls.discard(call_id)
+
+    def _utility_slot(self, engine_index: int | None) -> Slot:
+        if engine_index is None:
+            ready = self._ready_slots()
+            if not ready:
+                raise self._unavailable()
+            return ready[0]
+        slot = self._slots.get(engine_index)
+        if slot is None:
+            raise EngineUnavailableError(f"engine {engine_index} is not ready")
+        if not slot.alive:
+            raise EngineDeadError(f"engine {engine_index} died: {slot.dead_reason}")
+        return slot
 
     # -- shutdown -----------------------------------------------------------------------------
 
-    async def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the engine (SIGTERM, then SIGKILL after `timeout`) and release everything.
+    def expect_engine_exits(self) -> None:
+        """The local engines are being stopped: their deaths are no longer fatal (their
+        requests still fail)."""
+        self._stopping = True
 
-        Safe to call more than once. Pending requests fail with EngineDeadError.
-        """
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Fail pending requests and calls, stop the tasks and close the links. Idempotent.
+        Does not stop local engines: whoever spawned them does."""
         if self._closed:
             return
         self._closed = True
         tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        # A dead engine needs no graceful stop: it may be hung or stopped.
-        await self._stop_process(min(timeout, 1.0) if self.errored else timeout)
-        self._fail_pending(EngineDeadError("the engine client is shut down"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
+        error = EngineDeadError("the engine client is shut down")
+        for request in self._requests.values():
+            request.queue.put_nowait(error)
+        for _, future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(str(error)))
+        if self._monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._input.disable_monitor()
+            self._monitor.close(linger=0)
         self._input.close(linger=0)
         self._output.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-    async def _stop_process(self, timeout: float) -> None:
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        if not await _wait_exit(proc, timeout):
-            logger.warning(
-                "engine %d did not exit %.1f s after SIGTERM; killing it", proc.pid, timeout
-            )
-            proc.kill()
-            if not await _wait_exit(proc, _KILL_WAIT_S):
-                logger.error("engine %d did not exit after SIGKILL", proc.pid)
-                return
-        logger.info("engine process %d exited with code %s", proc.pid, proc.returncode)
 
 
-async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
+def _ranks(ranks: Sequence[int]) -> str:
+    if len(ranks) == 1:
+        return f"engine {ranks[0]} was"
+    return f"engines {', '.join(map(str, ranks))} were"
 
 
 def _update_stats(stats: RequestStats, out: RequestOutput) -> None:

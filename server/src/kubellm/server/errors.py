@@ -39,3 +39,10 @@ class EngineDeadError(ServerError):
 
 class EngineStartupError(ServerError):
     """The engine core failed to start (exited, or not ready before the timeout)."""
+
+
+class EngineUnavailableError(ServerError):
+    """No engine is ready to take the request (a head whose engines have not registered yet,
+    or all of them died); HTTP 503. The server itself stays up."""
+
+    CLIENT_MESSAGE = "No engine is ready to serve this request; try again later."

@@ -20,7 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kubellm.server.errors import EngineDeadError, EngineGenerateError, OpenAIError
+from kubellm.server.errors import (
+    EngineDeadError,
+    EngineGenerateError,
+    EngineUnavailableError,
+    OpenAIError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +158,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     """Register the mapping above on `app` (innermost, next to the router)."""
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
-    for known in (OpenAIError, EngineGenerateError, EngineDeadError):
+    for known in (OpenAIError, EngineGenerateError, EngineDeadError, EngineUnavailableError):
         app.add_exception_handler(known, _known_error)
     app.add_exception_handler(Exception, _unexpected)
 
@@ -184,7 +189,9 @@ class CatchAllMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
-            if isinstance(exc, EngineDeadError | EngineGenerateError | OpenAIError):
+            if isinstance(
+                exc, EngineDeadError | EngineGenerateError | EngineUnavailableError | OpenAIError
+            ):
                 response = mapped_error_response(exc)
             else:
                 logger.error("unhandled error on %s", scope.get("path"), exc_info=exc)
@@ -195,9 +202,15 @@ class CatchAllMiddleware:
 
 
 def mapped_error_response(exc: Exception) -> JSONResponse:
-    """OpenAIError → its status; EngineDeadError / EngineGenerateError → 500."""
+    """OpenAIError → its status; EngineUnavailableError → 503; EngineDeadError /
+    EngineGenerateError → 500."""
     if isinstance(exc, OpenAIError):
         return error_response(exc.message, status=exc.status, type=exc.type, param=exc.param)
+    if isinstance(exc, EngineUnavailableError):
+        logger.debug("request refused, no engine is ready: %s", exc)
+        return error_response(
+            EngineUnavailableError.CLIENT_MESSAGE, status=503, type="ServiceUnavailableError"
+        )
     if isinstance(exc, EngineDeadError):
         logger.error("request failed, the engine is dead: %s", exc)
         return error_response(

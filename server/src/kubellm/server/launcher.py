@@ -1,12 +1,19 @@
-"""`run_server`: the start-up phases of `kubellm serve`, the watchdog and graceful shutdown.
+"""`run_server`: the single shape of `kubellm serve` (one API server process that hosts the
+coordinator and spawns its engine cores), its start-up phases, the watchdog and graceful shutdown.
 
 Phases (mirroring vLLM's run_server / serve_http):
   0. a temporary SIGTERM handler raises KeyboardInterrupt("terminated"), so a SIGTERM during
-     model load unwinds the EngineClient context manager (the engine is killed, no orphan);
-  1. validate; 2. bind the listening socket (not yet listening: connections are refused while
-  the model loads); 3. start the engine; 4. ask it for its tasks; 5. build the app;
-  6. init the state; 7. serve with uvicorn on the bound socket, with the watchdog and the
-  SIGINT/SIGTERM drain; finally shut the engine down, then close the socket.
+     model load unwinds `start_head` (the engines are stopped, no orphan);
+  1. validate (and find the model directory: the tokenizer comes from the head's own copy);
+  2. bind the listening socket (not yet listening: connections are refused while the local
+     engines load); 3. start the head (address plan, coordinator, local engines, engine client)
+  and wait for the local engines; 4. supported tasks; 5. build the app; 6. init the state;
+  7. serve with uvicorn on the bound socket, with the watchdog and the SIGINT/SIGTERM drain;
+  finally shut the engines down, then close the socket.
+
+With remote engines (`--data-parallel-size-local` below `--data-parallel-size`) phase 3 waits
+only for the local ones: the server listens at once and answers 503 until an engine is ready.
+Phases 4-7 (`serve_api`) are shared with the multi shape's API servers (`supervisor`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import resource
 import signal
 import socket
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,11 +34,12 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from kubellm.engine.model_files import DEFAULT_MODEL_NAME
-from kubellm.protocol.settings import FrontendSettings, ServeSettings
+from kubellm.engine.model_files import DEFAULT_MODEL_NAME, resolve_model
+from kubellm.protocol.settings import FrontendSettings, ParallelSettings, ServeSettings
 from kubellm.server.app import build_app
 from kubellm.server.engine_client import EngineClient
-from kubellm.server.errors import EngineStartupError
+from kubellm.server.errors import EngineStartupError, EngineUnavailableError
+from kubellm.server.head import start_head
 from kubellm.server.metrics import PrometheusMetrics
 from kubellm.server.middleware import import_attribute
 from kubellm.server.state import ServerState
@@ -41,17 +49,28 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+DEFAULT_TASKS = ("generate",)
+"""Supported tasks assumed while no engine is ready to say (a head waiting for engines)."""
 
 
-def _interrupt_startup(signum: int, frame: FrameType | None) -> None:
+def interrupt_startup(signum: int, frame: FrameType | None) -> None:
+    """The start-up SIGTERM handler: unwind like Ctrl-C, so context managers stop children."""
     raise KeyboardInterrupt("terminated")
 
 
 def run_server(settings: ServeSettings) -> int:
-    """Run `kubellm serve` until it is stopped; returns the process exit code."""
-    previous = signal.signal(signal.SIGTERM, _interrupt_startup)  # phase 0
+    """Run `kubellm serve` (single shape) until it is stopped; returns the process exit code."""
+    previous = signal.signal(signal.SIGTERM, interrupt_startup)  # phase 0
     try:
-        return asyncio.run(serve(settings))
+        return run_phases(serve(settings))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_phases(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run(main), mapping start-up failures and interrupts to exit codes."""
+    try:
+        return asyncio.run(main)
     except KeyboardInterrupt as e:
         logger.info("interrupted (%s); exiting", e or "SIGINT")
         return EXIT_OK
@@ -61,11 +80,13 @@ def run_server(settings: ServeSettings) -> int:
     except StartupError as e:
         logger.error("cannot start: %s", e)
         return EXIT_FAILURE
+    except ValueError as e:  # e.g. an engine address that is not this host's
+        logger.debug("start-up failed", exc_info=e)
+        logger.error("cannot start: %s", e)
+        return EXIT_FAILURE
     except Exception:
         logger.exception("kubellm serve failed")
         return EXIT_FAILURE
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class StartupError(Exception):
@@ -73,27 +94,38 @@ class StartupError(Exception):
 
 
 async def serve(settings: ServeSettings) -> int:
-    validate(settings)  # phase 1
+    model_dir = validate(settings)  # phase 1
     sock = bind_socket(settings.frontend)  # phase 2
     raise_nofile_limit()
     try:
         metrics = PrometheusMetrics(
-            initial_model_name(settings), max_model_len=settings.engine.max_model_len
+            served_model_names(settings, str(model_dir))[0],
+            max_model_len=settings.engine.max_model_len,
         )
-        async with EngineClient.start(settings, metrics) as engine:  # phase 3
-            tasks = await engine.call_utility("get_supported_tasks")  # phase 4
-            supported = tuple(str(t) for t in tasks) if isinstance(tasks, list) else ()
-            logger.info("engine ready: model %s, tasks %s", engine.facts.model, list(supported))
-            app = build_app(settings, supported, prometheus=metrics)  # phase 5
-            state = init_app_state(app, settings, engine, supported, metrics)  # phase 6
-            return await serve_http(app, state, sock)  # phase 7
+        async with start_head(settings, metrics) as engine:  # phase 3
+            return await serve_api(settings, engine, metrics, sock, model_dir)
     finally:
         close_socket(sock, settings.frontend.uds)
 
 
-def validate(settings: ServeSettings) -> None:
-    """Checks that need the file system or imports (the settings model checked the rest; the
-    engine checks the model directory and reports why it cannot load it)."""
+async def serve_api(
+    settings: ServeSettings,
+    engine: EngineClient,
+    metrics: PrometheusMetrics,
+    sock: socket.socket,
+    model_dir: Path,
+) -> int:
+    """Phases 4-7 on a started engine client and a bound socket; returns the exit code."""
+    supported = supported_tasks(engine)  # phase 4
+    app = build_app(settings, supported, prometheus=metrics)  # phase 5
+    state = init_app_state(app, settings, engine, supported, metrics, model_dir)  # phase 6
+    return await serve_http(app, state, sock)  # phase 7
+
+
+def validate(settings: ServeSettings) -> Path:
+    """Checks that need the file system or imports (the settings model checked the rest).
+    Returns the model directory the tokenizer is read from (the engines check the weights and
+    report why they cannot load them)."""
     frontend = settings.frontend
     for flag, path in (
         ("--ssl-keyfile", frontend.ssl_keyfile),
@@ -107,11 +139,24 @@ def validate(settings: ServeSettings) -> None:
             import_attribute(path)
         except ValueError as e:
             raise StartupError(str(e)) from None
+    return head_model_dir(settings)
 
 
-def initial_model_name(settings: ServeSettings) -> str:
-    """The metrics' model label before the engine reports which model directory it loaded."""
-    return served_model_names(settings, settings.engine.model or "")[0]
+def head_model_dir(settings: ServeSettings) -> Path:
+    """This host's copy of the model directory (resolve_model: torch-free)."""
+    try:
+        return resolve_model(settings.engine.model)
+    except (ValueError, OSError) as e:  # reported as before, when the engine found it
+        raise EngineStartupError(str(e)) from None
+
+
+def supported_tasks(engine: EngineClient) -> tuple[str, ...]:
+    """The first ready engine's tasks; DEFAULT_TASKS while none is ready."""
+    try:
+        return tuple(engine.facts.supported_tasks)
+    except EngineUnavailableError:
+        logger.info("no engine is ready yet; assuming tasks %s", list(DEFAULT_TASKS))
+        return DEFAULT_TASKS
 
 
 def served_model_names(settings: ServeSettings, model_dir: str) -> tuple[str, ...]:
@@ -119,7 +164,7 @@ def served_model_names(settings: ServeSettings, model_dir: str) -> tuple[str, ..
     the basename of the model directory."""
     if settings.frontend.served_model_name:
         return settings.frontend.served_model_name
-    if settings.engine.model is None and settings.engine.engine_backend == "model":
+    if settings.engine.model is None:
         return (DEFAULT_MODEL_NAME,)
     return (Path(model_dir).name,)
 
@@ -130,19 +175,18 @@ def init_app_state(
     engine: EngineClient,
     supported_tasks: tuple[str, ...],
     metrics: PrometheusMetrics,
+    model_dir: Path,
 ) -> ServerState:
-    facts = engine.facts
     try:
-        tokenizer = Tokenizer.from_dir(Path(facts.model))
+        tokenizer = Tokenizer.from_dir(model_dir)
         chat_template = resolve_chat_template(settings.frontend.chat_template, tokenizer)
     except ValueError as e:
         raise StartupError(str(e)) from e
-    names = served_model_names(settings, facts.model)
+    names = served_model_names(settings, str(model_dir))
     metrics.set_model_name(names[0])
     state = ServerState(
         settings=settings,
         engine=engine,
-        facts=facts,
         tokenizer=tokenizer,
         served_model_names=names,
         supported_tasks=supported_tasks,
@@ -151,16 +195,34 @@ def init_app_state(
     )
     app.state.kubellm = state
     logger.info(
-        "serving model %s as %s (max_model_len %d, %d KV blocks of %d tokens, %s/%s)",
+        "serving model %s as %s, tasks %s", model_dir, ", ".join(names), ", ".join(supported_tasks)
+    )
+    log_engines(engine, settings.parallel)
+    return state
+
+
+def log_engines(engine: EngineClient, parallel: ParallelSettings) -> None:
+    """One line about the engines ready now (none yet for a head waiting for remote ones)."""
+    try:
+        facts = engine.facts
+    except EngineUnavailableError:
+        logger.info(
+            "0 of %d engines ready (need %d); answering 503 until one is",
+            parallel.data_parallel_size,
+            parallel.required_engines,
+        )
+        return
+    logger.info(
+        "engine ready (%d of %d): model %s, max_model_len %d, %d KV blocks of %d tokens, %s/%s",
+        engine.num_ready,
+        parallel.data_parallel_size,
         facts.model,
-        ", ".join(names),
         facts.max_model_len,
         facts.num_kv_blocks,
         facts.block_size,
         facts.device,
         facts.dtype,
     )
-    return state
 
 
 def keep_alive_on_engine_death() -> bool:
@@ -254,7 +316,7 @@ GRACEFUL_CLOSE_TIMEOUT_S = 5.0
 """After the drain, how long uvicorn waits for connections to finish before cancelling."""
 
 
-class _Server(uvicorn.Server):
+class SignalFreeServer(uvicorn.Server):
     """uvicorn without its own signal handling: the launcher drains on SIGINT/SIGTERM."""
 
     @contextlib.contextmanager
@@ -303,7 +365,7 @@ def describe_routes(routes: Iterable[Any]) -> list[str]:
 async def serve_http(app: FastAPI, state: ServerState, sock: socket.socket) -> int:
     """Serve until a signal drains the server or the watchdog sees the engine die."""
     frontend = state.settings.frontend
-    server = _Server(uvicorn_config(app, frontend))
+    server = SignalFreeServer(uvicorn_config(app, frontend))
     drain = Drain(server, state)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

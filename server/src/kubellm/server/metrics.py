@@ -3,15 +3,46 @@
 `PrometheusMetrics` implements `kubellm.server.stats.StatsSink`: the engine client reports
 scheduler stats and finished requests, this records them. `HttpMetricsMiddleware` counts HTTP
 requests by route template (never by raw path, which would let clients create series).
+
+Several API servers on one host (the multi shape, docs/design/0003-scale-out.md) share one
+view through prometheus_client's multiprocess mode, as vLLM does: the supervisor gives its
+children a private directory in PROMETHEUS_MULTIPROC_DIR (read when prometheus_client is
+imported, so it must be in the environment from the start), each child records into its own
+mmap files there, and every child's /metrics merges all the files, whichever child a scrape
+reaches:
+
+* counters and histograms (requests, tokens, latencies, HTTP) are summed over the processes,
+  dead ones included, so they never go backwards;
+* the engine gauges (running, waiting, KV usage) use the "livemostrecent" mode: every API
+  server hears every engine's heartbeats and sets the same values, so the newest write wins
+  instead of a sum; "live" lets the supervisor drop a dead child's gauges
+  (`mark_process_dead`);
+* the engines' cumulative counters (preemptions, prefix cache queries and hits) are also heard
+  by every API server, so only one of them (`engine_totals=True`, API server 0) counts them;
+  the others create the series at 0, which adds nothing to the sum.
+
+Without the variable (the single shape) each process renders its own registry, as before.
+A single-shape server started with the variable set uses that directory the same way (as
+vLLM does); whoever sets it must empty it between runs.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 import typing
 
 from fastapi import APIRouter, Request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 from starlette.routing import BaseRoute
@@ -19,6 +50,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubellm.protocol.messages import FinishReason, SchedulerStats
 from kubellm.server.stats import RequestStats
+
+logger = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus_client's variable: the directory of its multiprocess mode's files."""
+ENGINE_GAUGE_MODE: typing.Literal["livemostrecent"] = "livemostrecent"
+"""How the engine gauges merge over API server processes: the newest value, not a sum."""
 
 _LABELS = ("model_name", "engine")
 FINISH_REASONS: tuple[FinishReason, ...] = typing.get_args(FinishReason)
@@ -53,12 +91,45 @@ def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
         exponent += 1
 
 
-class PrometheusMetrics:
-    """vLLM-named engine and request metrics (labels model_name, engine="0")."""
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode when this process records in it;
+    None for a per-process registry. ValueError when the variable names no directory."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise ValueError(f"{MULTIPROC_ENV}={path}: no such directory")
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        logger.warning(
+            "%s is set but prometheus_client was imported before it was; "
+            "/metrics shows this process only",
+            MULTIPROC_ENV,
+        )
+        return None
+    return path
 
-    def __init__(self, model_name: str, *, max_model_len: int | None = None) -> None:
+
+def mark_process_dead(path: str, pid: int) -> None:
+    """Drop a dead process's engine gauges from the multiprocess directory `path` (its
+    counters and histograms stay in the sums)."""
+    multiprocess.mark_process_dead(pid, path)
+
+
+class PrometheusMetrics:
+    """vLLM-named engine and request metrics (labels model_name, engine="<rank>").
+
+    `engine_totals`: whether this process counts the engines' cumulative counters; False in all
+    but one API server of the multi shape (see the module docstring)."""
+
+    def __init__(
+        self, model_name: str, *, max_model_len: int | None = None, engine_totals: bool = True
+    ) -> None:
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir is not None:
+            logger.info("metrics: multiprocess mode in %s", self.multiprocess_dir)
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
+        self.engine_totals = engine_totals
         self._last: dict[int, SchedulerStats] = {}
         self._touched: set[tuple[str, str]] = set()
         self._make_engine_metrics()
@@ -83,15 +154,21 @@ class PrometheusMetrics:
             "Requests in the engine's running batch.",
             _LABELS,
             registry=r,
+            multiprocess_mode=ENGINE_GAUGE_MODE,
         )
         self.waiting = Gauge(
-            "vllm:num_requests_waiting", "Requests waiting to be scheduled.", _LABELS, registry=r
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled.",
+            _LABELS,
+            registry=r,
+            multiprocess_mode=ENGINE_GAUGE_MODE,
         )
         self.kv_usage = Gauge(
             "vllm:kv_cache_usage_perc",
             "Fraction of KV cache blocks in use (0..1).",
             _LABELS,
             registry=r,
+            multiprocess_mode=ENGINE_GAUGE_MODE,
         )
         self.preemptions = Counter(
             "vllm:num_preemptions", "Cumulative preemptions.", _LABELS, registry=r
@@ -144,13 +221,17 @@ class PrometheusMetrics:
 
     def set_model_name(self, name: str) -> None:
         """Relabel before serving (the name may only be known once the engine loaded the model);
-        series recorded under the previous name are dropped."""
+        series recorded under the previous name are dropped (in multiprocess mode, where files
+        cannot drop series, they stay)."""
         if name == self.model_name:
             return
         self.model_name = name
-        for collector in (self.running, self.waiting, self.kv_usage, self.preemptions,
-                          self.prefix_queries, self.prefix_hits):  # fmt: skip
-            collector.clear()
+        if self.multiprocess_dir is None:
+            for collector in (self.running, self.waiting, self.kv_usage, self.preemptions,
+                              self.prefix_queries, self.prefix_hits):  # fmt: skip
+                collector.clear()
+        elif self._touched:
+            logger.warning("metrics: series recorded before the rename to %s remain", name)
         self._touched.clear()
 
     def _touch(self, labels: tuple[str, str]) -> None:
@@ -176,6 +257,13 @@ class PrometheusMetrics:
         self.running.labels(*labels).set(stats.num_running)
         self.waiting.labels(*labels).set(stats.num_waiting)
         self.kv_usage.labels(*labels).set(stats.kv_cache_usage)
+        if self.engine_totals:
+            self._count_engine_totals(engine_index, labels, stats)
+
+    def _count_engine_totals(
+        self, engine_index: int, labels: tuple[str, str], stats: SchedulerStats
+    ) -> None:
+        """The engine reports running totals; the counters grow by the difference."""
         last = self._last.get(engine_index, SchedulerStats())
         for counter, new, old in (
             (self.preemptions, stats.num_preemptions, last.num_preemptions),
@@ -188,7 +276,7 @@ class PrometheusMetrics:
         self._last[engine_index] = stats
 
     def record_request(self, stats: RequestStats) -> None:
-        labels = (self.model_name, "0")
+        labels = (self.model_name, str(stats.engine_index))
         self.prompt_tokens.labels(*labels).inc(stats.num_prompt_tokens)
         self.generation_tokens.labels(*labels).inc(stats.num_generation_tokens)
         if stats.finish_reason is not None:
@@ -211,7 +299,13 @@ class PrometheusMetrics:
         self.http_duration.labels(method, handler).observe(seconds)
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        """Prometheus text: this process's registry, or in multiprocess mode the merge of
+        every process's files (the same whole-host view from each API server)."""
+        if self.multiprocess_dir is None:
+            return bytes(generate_latest(self.registry))
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return bytes(generate_latest(merged))
 
 
 class HttpMetricsMiddleware:

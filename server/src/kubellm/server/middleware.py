@@ -22,10 +22,10 @@ from kubellm.server.handlers import json_error_bytes
 
 logger = logging.getLogger(__name__)
 
-PROBE_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/load"})
+PROBE_PATHS = frozenset({"/health", "/ping", "/ready", "/version", "/metrics", "/load"})
 """Routes that answer while the server drains (each decides its own status)."""
 AUTH_EXEMPT_PATHS = frozenset(
-    {"/health", "/ping", "/version", "/metrics", "/docs", "/redoc", "/openapi.json"}
+    {"/health", "/ping", "/ready", "/version", "/metrics", "/docs", "/redoc", "/openapi.json"}
 )
 """The explicit allowlist of routes that need no API key; everything else does."""
 

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 class ServerState:
     settings: ServeSettings
     engine: EngineClient
-    facts: EngineFacts
     tokenizer: Tokenizer
+    """From the head's own model directory, so a head with no engine yet can build its app."""
     served_model_names: tuple[str, ...]
     """The first is reported in responses; requests may use any."""
     supported_tasks: tuple[str, ...]
@@ -36,3 +36,9 @@ class ServerState:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    @property
+    def facts(self) -> EngineFacts:
+        """The first ready engine's facts; raises `EngineUnavailableError` (HTTP 503) while no
+        engine is ready."""
+        return self.engine.facts

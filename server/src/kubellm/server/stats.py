@@ -27,6 +27,8 @@ class RequestStats:
     inter_token_latencies: list[float] = field(default_factory=list)
     max_tokens_param: int | None = None
     n_param: int = 1
+    engine_index: int = 0
+    """The engine (data-parallel rank) that served it."""
 
 
 class StatsSink(Protocol):

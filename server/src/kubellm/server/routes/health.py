@@ -1,7 +1,10 @@
-"""Probe routes: /health, /ping, /version, /load.
+"""Probe routes: /health, /ping, /ready, /version, /load.
 
-/health (and /ping, for SageMaker-style probes) is 200 with an empty body while the engine is
-healthy, and 503 with an OpenAI-style error once the engine is dead or the server is draining.
+/health (and /ping, for SageMaker-style probes) is liveness: 200 with an empty body unless the
+server is draining or an engine this process spawned died (then 503 with an OpenAI-style error,
+and the watchdog exits 1). /ready is readiness: 200 with a small JSON while at least
+--min-ready-engines engines are ready, 503 naming how many are otherwise. Remote engines coming
+and going change /ready, never /health (docs/design/0003-scale-out.md, "HTTP probe paths").
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
+STARTING = "The server is starting."
+
 
 def server_state(request: Request) -> ServerState | None:
     state = getattr(request.app.state, "kubellm", None)
@@ -31,10 +36,10 @@ def _unavailable(message: str) -> Response:
     return error_response(message, status=503, type="ServiceUnavailableError")
 
 
-async def _health(request: Request) -> Response:
-    state = server_state(request)
+async def _not_alive(state: ServerState | None) -> Response | None:
+    """The 503 response when the process is not live (starting, draining, engine dead)."""
     if state is None:
-        return _unavailable("The server is starting.")
+        return _unavailable(STARTING)
     if state.draining:
         return _unavailable("The server is shutting down.")
     try:
@@ -42,7 +47,11 @@ async def _health(request: Request) -> Response:
     except EngineDeadError as e:
         logger.debug("health check failed: %s", e)
         return _unavailable(EngineDeadError.CLIENT_MESSAGE)
-    return Response(status_code=200)
+    return None
+
+
+async def _health(request: Request) -> Response:
+    return await _not_alive(server_state(request)) or Response(status_code=200)
 
 
 @router.get("/health", include_in_schema=False)
@@ -53,6 +62,28 @@ async def health(request: Request) -> Response:
 @router.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)
 async def ping(request: Request) -> Response:
     return await _health(request)
+
+
+@router.get("/ready", include_in_schema=False)
+async def ready(request: Request) -> Response:
+    """Readiness: enough engines are ready and the server is live and not draining."""
+    state = server_state(request)
+    if state is None:
+        return _unavailable(STARTING)
+    not_alive = await _not_alive(state)
+    if not_alive is not None:
+        return not_alive
+    parallel = state.settings.parallel
+    counts = {
+        "ready": state.engine.num_ready,
+        "required": parallel.required_engines,
+        "expected": parallel.data_parallel_size,
+    }
+    if state.engine.ready:
+        return JSONResponse({"ready": True, "engines": counts})
+    return _unavailable(
+        f"{counts['ready']} of {counts['expected']} engines ready (need {counts['required']})"
+    )
 
 
 @cache
