@@ -1,8 +1,8 @@
 # Developer targets; the README's two commands (scripts/serve.sh, scripts/test.sh) need no make.
-.PHONY: help setup serve test test-fast lint format bench
+.PHONY: help setup serve test test-fast lint format bench cluster-up cluster-down e2e
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 setup:  ## create .venv and install every component (editable) and the dev tools
 	bash scripts/setup.sh
@@ -24,3 +24,12 @@ format: setup  ## apply ruff's formatting and safe fixes
 
 bench: setup  ## CPU throughput: our engine vs transformers generate
 	.venv/bin/python bench/cpu_throughput.py
+
+cluster-up: setup  ## local control plane + fake GPU nodes (kwok); prints `export KUBECONFIG=...`
+	bash scripts/cluster.sh up
+
+cluster-down:  ## stop the local control plane started by cluster-up
+	bash scripts/cluster.sh down
+
+e2e: setup  ## operator end-to-end on a real control plane (helm install, apply, scale, roll, delete)
+	.venv/bin/python -m pytest e2e -v
