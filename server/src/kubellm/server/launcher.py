@@ -60,15 +60,13 @@ def interrupt_startup(signum: int, frame: FrameType | None) -> None:
 
 def run_server(settings: ServeSettings) -> int:
     """Run `kubellm serve` (single shape) until it is stopped; returns the process exit code."""
-    previous = signal.signal(signal.SIGTERM, interrupt_startup)  # phase 0
-    try:
-        return run_phases(serve(settings))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_phases(serve(settings))
 
 
 def run_phases(main: Coroutine[Any, Any, int]) -> int:
-    """asyncio.run(main), mapping start-up failures and interrupts to exit codes."""
+    """asyncio.run(main), mapping start-up failures and interrupts to exit codes. Until the
+    serving phase installs its own handlers, SIGTERM unwinds like Ctrl-C (phase 0)."""
+    previous = signal.signal(signal.SIGTERM, interrupt_startup)
     try:
         return asyncio.run(main)
     except KeyboardInterrupt as e:
@@ -87,6 +85,8 @@ def run_phases(main: Coroutine[Any, Any, int]) -> int:
     except Exception:
         logger.exception("kubellm serve failed")
         return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StartupError(Exception):

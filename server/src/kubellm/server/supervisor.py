@@ -326,11 +326,7 @@ def api_server_main(argv: Sequence[str] | None = None) -> int:
     if os.getppid() != config.supervisor_pid:
         logger.error("the supervisor (pid %d) is already gone; exiting", config.supervisor_pid)
         return EXIT_FAILURE
-    previous = signal.signal(signal.SIGTERM, launcher.interrupt_startup)
-    try:
-        return launcher.run_phases(serve_api_server(config))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return launcher.run_phases(serve_api_server(config))
 
 
 async def serve_api_server(config: ApiServerConfig) -> int:
@@ -385,11 +381,7 @@ async def watch_parent(supervisor_pid: int) -> None:
 
 def run_headless(settings: ServeSettings) -> int:
     """Run the headless shape until it is stopped; returns the process exit code."""
-    previous = signal.signal(signal.SIGTERM, launcher.interrupt_startup)
-    try:
-        return launcher.run_phases(serve_headless(settings))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return launcher.run_phases(serve_headless(settings))
 
 
 async def serve_headless(settings: ServeSettings) -> int:
