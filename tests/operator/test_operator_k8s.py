@@ -285,6 +285,14 @@ def test_killed_mid_create_converges_to_one_child_set(operator: Operator) -> Non
     )
     operator.kill()
     operator.start()
+    # The restarted operator must itself reconcile gamma (its resume handler), not only find
+    # the children its predecessor wrote; this also makes sure it is fully up before teardown.
+    eventually(
+        operator,
+        "the restarted operator to reconcile gamma",
+        lambda: f"[{NS}/gamma] Handler 'reconcile' succeeded" in operator.log() or None,
+        timeout=120,
+    )
     obj = eventually(operator, "LLMServer gamma Ready", lambda: ready(cluster, "gamma"))
     found = sorted((c["kind"], c["metadata"]["name"]) for c in children(cluster, "gamma"))
     assert found == [

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from kubellm.operator.config import DEFAULT_IMAGE, OperatorConfig
 
@@ -52,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stopped_while_starting(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM before kopf installs its own handlers: nothing to drain, exit 0."""
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "crd":
