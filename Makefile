@@ -1,5 +1,5 @@
 # Developer targets; the README's two commands (scripts/serve.sh, scripts/test.sh) need no make.
-.PHONY: help setup serve test test-fast lint format bench cluster-up cluster-down e2e
+.PHONY: help setup serve test test-fast lint format bench cluster-up cluster-down e2e image
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -33,3 +33,7 @@ cluster-down:  ## stop the local control plane started by cluster-up
 
 e2e: setup  ## operator end-to-end on a real control plane (helm install, apply, scale, roll, delete)
 	.venv/bin/python -m pytest e2e -v
+
+IMAGE ?= ghcr.io/kubellm/kubellm:0.1.0
+image:  ## build the container image (needs docker or podman): make image IMAGE=registry/kubellm:tag
+	$(or $(shell command -v docker 2>/dev/null),$(shell command -v podman 2>/dev/null),docker) build -t $(IMAGE) .

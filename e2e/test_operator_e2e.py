@@ -5,7 +5,8 @@ kube-scheduler; pods simulated by kwok):
 2. run `kubellm-operator run` here, as a local process, with a token of the chart's
    ServiceAccount, so the chart's RBAC is what the operator gets;
 3. `kubectl apply -f examples/llmserver.yaml` → head and engine workloads and services, Ready;
-4. `kubectl get llms` shows the printer columns; `kubectl scale` changes the engine StatefulSet;
+4. `kubectl get llms` shows the printer columns; `kubectl scale` changes the engine StatefulSet
+   and restarts no pod;
    a spec change rolls the pods (spec-hash label); `kubectl delete` garbage-collects everything;
 5. invalid manifests are refused by the API server with messages a user understands.
 
@@ -301,8 +302,8 @@ def test_operator_serves_scales_rolls_and_deletes(stack: Stack) -> None:
     status = _wait_children_and_ready(stack, server)
     record_timing(stack.cluster, "apply_to_ready_s", time.monotonic() - started)
     _check_printer_columns(stack, server, status)
-    _scale_engines(stack, name, 3)
-    _spec_change_rolls(stack, server, 3)
+    _scale_restarts_nothing(stack, name)
+    _spec_change_rolls(stack, server, 2)
     _delete_collects_everything(stack, name)
 
 
@@ -361,6 +362,28 @@ def _scale_engines(stack: Stack, name: str, replicas: int) -> None:
     assert len(_pods(stack, name, "engine")) == replicas
 
 
+def _uids(stack: Stack, name: str, component: str) -> dict[str, str]:
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in _pods(stack, name, component)}
+
+
+def _scale_restarts_nothing(stack: Stack, name: str) -> None:
+    """Scaling up then down adds and removes engine pods; the pods that stay are the same pods
+    (no restart, no model reload), and the head is untouched. Beyond maxReplicas is refused."""
+    head, engines = _uids(stack, name, "head"), _uids(stack, name, "engine")
+    _scale_engines(stack, name, 3)
+    after_up = _uids(stack, name, "engine")
+    assert {pod: after_up[pod] for pod in engines} == engines
+    _scale_engines(stack, name, 2)
+    assert _uids(stack, name, "engine") == engines
+    assert _uids(stack, name, "head") == head
+    proc = stack.cluster.run(
+        "scale", f"llms/{name}", "--namespace", NS, "--replicas=5", check=False
+    )
+    assert proc.returncode != 0, "scaling beyond engine.maxReplicas was accepted"
+    assert "must not exceed engine.maxReplicas" in proc.stderr, proc.stderr
+    assert _get(stack, f"statefulset/{name}-engine")["spec"]["replicas"] == 2  # type: ignore[index]
+
+
 def _spec_change_rolls(stack: Stack, server: dict[str, Any], replicas: int) -> None:
     """A spec change rolls the engine pods: a new spec-hash label on the template and pods."""
     name = server["metadata"]["name"]
@@ -377,7 +400,12 @@ def _spec_change_rolls(stack: Stack, server: dict[str, Any], replicas: int) -> N
         done = new_hash != old_hash and len(pods) == len(fresh) == replicas
         return str(new_hash) if done else None
 
+    deletes_before = stack.operator.log.read_text(errors="replace").count("write: delete pod")
     new_hash = stack.wait("the engines to roll", rolled)
+    # The operator replaced the old engine pods itself (all at once), not only the StatefulSet
+    # controller's one-by-one rolling update (kubellm.operator.rollout).
+    deletes = stack.operator.log.read_text(errors="replace").count("write: delete pod")
+    assert deletes > deletes_before, stack.operator.log_tail()
     for pod in _pods(stack, name, "engine"):
         assert pod["metadata"]["labels"][HASH_LABEL] == new_hash
         assert "--max-num-seqs 17" in " ".join(_container_args(pod)), _container_args(pod)
@@ -421,6 +449,10 @@ def _negative_replicas(spec: dict[str, Any]) -> None:
     spec.setdefault("engine", {})["replicas"] = -1
 
 
+def _over_max_replicas(spec: dict[str, Any]) -> None:
+    spec.setdefault("engine", {}).update(replicas=5, maxReplicas=4)
+
+
 def _unknown_field(spec: dict[str, Any]) -> None:
     spec.setdefault("engine", {})["gpus"] = 1
 
@@ -435,6 +467,7 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
         ["spec.engine.replicas", "greater than or equal to 0"],
     ),
     "unknown-field": (_unknown_field, ['unknown field "spec.engine.gpus"']),
+    "over-max-replicas": (_over_max_replicas, ["must not exceed engine.maxReplicas"]),
 }
 
 

@@ -4,6 +4,7 @@ utilities, failures and exits, driven through a fake head (`fake_head.FakeHead`)
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -14,11 +15,14 @@ from typing import Any
 import pytest
 from fake_head import ENGINE, FakeHead, identity_of  # type: ignore[import-not-found, unused-ignore]
 
+from kubellm.engine.core import SHUTDOWN_ERROR
 from kubellm.engine.transport import engine_compat
 from kubellm.protocol.messages import (
     AbortRequests,
     AddRequest,
+    DrainingAck,
     EngineDead,
+    EngineDraining,
     EngineEvicted,
     EngineOutputs,
     EngineStatus,
@@ -115,9 +119,14 @@ def _request_ids(messages: list[Any]) -> set[str]:
     return {o.request_id for m in messages if isinstance(m, EngineOutputs) for o in m.outputs}
 
 
-def _until_finished(head: FakeHead, client: int, ids: set[str]) -> dict[str, list[Any]]:
-    """Everything a client's PULL gets until each of `ids` finished: request id → outputs."""
+def _until_finished(
+    head: FakeHead, client: int, ids: set[str], first: tuple[Any, ...] = ()
+) -> dict[str, list[Any]]:
+    """`first` and everything a client's PULL gets after it until each of `ids` finished:
+    request id → outputs."""
     got: dict[str, list[Any]] = {}
+    for out in first:
+        got.setdefault(out.request_id, []).append(out)
     while not ids <= {rid for rid, outs in got.items() if outs[-1].finish_reason}:
         for out in head.expect(client, EngineOutputs).outputs:
             got.setdefault(out.request_id, []).append(out)
@@ -128,10 +137,16 @@ def test_requests_are_answered_on_the_link_they_came_on(head: FakeHead) -> None:
     proc = head.spawn("token_delay_s=0.01", max_model_len=32)
     hello, _ = head.admit()
     head.send(0, _add("a", max_tokens=5))
+    # Links are not ordered with one another: client 0's "a" must be running before client 1
+    # reuses the id, or client 1's copy could be the one that is admitted.
+    first = head.expect(0, EngineOutputs).outputs
     head.send(1, _add("b", max_tokens=3))
     head.send(1, _add("a"))  # the same id from another client is refused, to that client
     head.send(1, _add("too-long", prompt=tuple(range(40))))
-    got = [_until_finished(head, 0, {"a"}), _until_finished(head, 1, {"a", "b", "too-long"})]
+    got = [
+        _until_finished(head, 0, {"a"}, first),
+        _until_finished(head, 1, {"a", "b", "too-long"}),
+    ]
     assert set(got[0]) == {"a"} and set(got[1]) == {"a", "b", "too-long"}
     assert sum(len(o.new_token_ids) for o in got[0]["a"]) == 5
     assert got[0]["a"][-1].finish_reason == "length"
@@ -165,6 +180,79 @@ def test_abort_touches_only_the_requests_of_the_client_that_sent_it(head: FakeHe
     head.send(0, AbortRequests(request_ids=("long-0",)))
     assert head.finished(0, "long-0")[-1].finish_reason == "abort"
     assert head.stop(proc)[0] == 0
+
+
+def _start_draining(
+    head: FakeHead, proc: subprocess.Popen[str], rid: str, max_tokens: int
+) -> tuple[Any, ...]:
+    """Start request `rid` on client 0, SIGTERM the engine once it runs; the outputs client 0
+    got before its EngineDraining (which both clients get)."""
+    head.send(0, _add(rid, max_tokens=max_tokens))
+    first = head.expect(0, EngineOutputs).outputs
+    proc.send_signal(signal.SIGTERM)
+    before = head.outputs_until(0, EngineDraining)
+    assert head.expect(1, EngineDraining).deadline_s == before[-1].deadline_s
+    assert (
+        _last_status(head, "draining").detail == "SIGTERM: up to " + f"{before[-1].deadline_s:g} s"
+    )
+    return first + tuple(o for m in before if isinstance(m, EngineOutputs) for o in m.outputs)
+
+
+def test_sigterm_drains_running_and_late_requests_then_exits_0(head: FakeHead) -> None:
+    proc = head.spawn("token_delay_s=0.01", drain_timeout_s=30.0)
+    head.admit()
+    seen = _start_draining(head, proc, "r", max_tokens=60)
+    head.send(1, _add("late", max_tokens=3))  # sent before client 1 "heard": still served
+    for client in (0, 1):
+        head.send(client, DrainingAck(client_index=client))
+    got = [_until_finished(head, 0, {"r"}, seen), _until_finished(head, 1, {"late"})]
+    assert sum(len(o.new_token_ids) for o in got[0]["r"]) == 60
+    assert sum(len(o.new_token_ids) for o in got[1]["late"]) == 3
+    assert got[0]["r"][-1].finish_reason == got[1]["late"][-1].finish_reason == "length"
+    code, err = head.wait(proc)
+    assert code == 0, err
+    for client in (0, 1):
+        dead = head.expect(client, EngineDead)
+        assert dead.clean and dead.reason == "stopped (SIGTERM, drained)"
+    assert head.from_engine(EngineDead).clean
+    assert _last_status(head, "stopped").detail == "stopped (SIGTERM, drained)"
+
+
+def test_an_idle_draining_engine_waits_for_every_client_s_ack(head: FakeHead) -> None:
+    proc = head.spawn(drain_timeout_s=30.0)
+    head.admit()
+    proc.send_signal(signal.SIGTERM)
+    head.expect(0, EngineDraining)
+    head.send(0, DrainingAck(client_index=0))
+    head.send(1, _add("in-flight", max_tokens=2))  # sent before client 1 heard
+    assert _until_finished(head, 1, {"in-flight"})["in-flight"][-1].finish_reason == "length"
+    assert proc.poll() is None  # idle, but client 1 has not answered (it waits up to 5 s)
+    head.send(1, DrainingAck(client_index=1))
+    assert head.wait(proc)[0] == 0
+    assert head.expect(1, EngineDead).clean
+
+
+def test_a_drain_past_its_deadline_fails_what_is_left_and_exits_0(head: FakeHead) -> None:
+    proc = head.spawn("token_delay_s=0.01", drain_timeout_s=0.5)
+    head.admit()
+    seen = _start_draining(head, proc, "long", max_tokens=100_000)
+    outs = _until_finished(head, 0, {"long"}, seen)["long"]
+    assert outs[-1].finish_reason == "error"
+    assert SHUTDOWN_ERROR in (outs[-1].error or "") and "0.5 s" in (outs[-1].error or "")
+    code, err = head.wait(proc)
+    assert code == 0 and "failing 1 request(s)" in err, err
+    assert head.expect(0, EngineDead).clean
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(head: FakeHead) -> None:
+    proc = head.spawn("token_delay_s=0.01", drain_timeout_s=60.0)
+    head.admit()
+    _start_draining(head, proc, "long", max_tokens=100_000)
+    proc.send_signal(signal.SIGTERM)
+    code, err = head.wait(proc, timeout=20.0)  # generous; far below the 60 s drain
+    assert code == 0, err
+    dead = head.expect(0, EngineDead)
+    assert dead.clean and dead.reason == "stopped (SIGTERM)"
 
 
 def _pickle_payload(marker: Path) -> bytes:

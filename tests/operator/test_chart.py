@@ -53,11 +53,11 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("serving.kubellm.io", "llmservers/status"): {"patch"},
     ("apps", "deployments"): WRITE | READ,
     ("apps", "statefulsets"): WRITE | READ,
-    ("", "services"): WRITE,
-    ("policy", "poddisruptionbudgets"): WRITE,
-    ("networking.k8s.io", "networkpolicies"): WRITE,
+    ("", "services"): WRITE | READ,
+    ("policy", "poddisruptionbudgets"): WRITE | READ,
+    ("networking.k8s.io", "networkpolicies"): WRITE | READ,
     ("monitoring.coreos.com", "servicemonitors"): WRITE,
-    ("", "pods"): READ,
+    ("", "pods"): READ | {"delete"},  # a spec change replaces old engine pods at once
     ("", "persistentvolumeclaims"): {"get"},
     ("", "events"): {"create", "patch"},
 }

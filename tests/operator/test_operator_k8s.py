@@ -310,14 +310,177 @@ def test_killed_mid_create_converges_to_one_child_set(operator: Operator) -> Non
     assert obj["status"]["engine"] == {"ready": 1, "desired": 1}
 
 
+# -- drift (R25): other writers' changes to the children are undone ------------------------------
+
+DRIFT_BOUND_S = 30
+"""Generous upper bound on detecting and undoing a change (it takes well under a second)."""
+
+
+def _drift_events(cluster: Cluster, name: str) -> list[str]:
+    found = cluster.get_json(
+        "events", "-n", NS, "--field-selector", f"involvedObject.name={name},reason=Drift"
+    )
+    return [e["message"] for e in found["items"]]
+
+
+def _writes(op: Operator, since: int) -> list[str]:
+    return [line for line in op.log().splitlines()[since:] if "write:" in line]
+
+
+def _log_lines(op: Operator) -> int:
+    return len(op.log().splitlines())
+
+
+def _drift_event(cluster: Cluster, name: str, *parts: str) -> str | None:
+    for message in _drift_events(cluster, name):
+        if all(p in message for p in parts):
+            return message
+    return None
+
+
+def test_drift_scale_of_the_engines_is_undone(operator: Operator) -> None:
+    cluster = operator.cluster
+    cluster.apply(llmserver("delta", engine={"replicas": 2, "gpusPerPod": 0}))
+    eventually(operator, "LLMServer delta Ready", lambda: ready(cluster, "delta"))
+    cluster.kubectl("scale", "-n", NS, "statefulset/delta-engine", "--replicas=4")
+
+    def restored() -> bool:
+        sts = cluster.get_json("statefulset", "delta-engine", "-n", NS)
+        return sts["spec"]["replicas"] == 2 and sts["metadata"]["generation"] > 1
+
+    eventually(operator, "engine replicas back at 2", restored, timeout=DRIFT_BOUND_S)
+    message = eventually(
+        operator,
+        "a Drift event",
+        lambda: _drift_event(cluster, "delta", "statefulset delta-engine", "spec.replicas"),
+        timeout=DRIFT_BOUND_S,
+    )
+    assert message.endswith("was changed by kubectl; restored"), message
+
+
+def test_drift_patched_head_args_are_restored(operator: Operator) -> None:
+    cluster = operator.cluster
+    eventually(operator, "LLMServer delta Ready", lambda: ready(cluster, "delta"))
+    path = "/spec/template/spec/containers/0/args"
+
+    def args() -> list[str]:
+        deployment = cluster.get_json("deployment", "delta-head", "-n", NS)
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    declared = args()
+    patch = json.dumps([{"op": "replace", "path": path, "value": ["serve", "/elsewhere"]}])
+    cluster.kubectl("patch", "-n", NS, "deployment/delta-head", "--type=json", "-p", patch)
+    eventually(operator, "head args restored", lambda: args() == declared, timeout=DRIFT_BOUND_S)
+    eventually(
+        operator,
+        "a Drift event naming the args and kubectl-patch",
+        lambda: _drift_event(cluster, "delta", "deployment delta-head", ".args", "kubectl-patch"),
+        timeout=DRIFT_BOUND_S,
+    )
+
+
+def test_drift_another_managers_metadata_annotation_is_left_alone(operator: Operator) -> None:
+    cluster = operator.cluster
+    eventually(operator, "LLMServer delta Ready", lambda: ready(cluster, "delta"))
+    since = _log_lines(operator)
+    cluster.kubectl("annotate", "-n", NS, "deployment/delta-head", "team.example/owner=ml")
+    eventually(
+        operator,
+        "the operator to see the annotated Deployment",
+        lambda: any(
+            f"[{NS}/delta-head] Handler 'child_changed'" in line
+            for line in operator.log().splitlines()[since:]
+        ),
+    )
+    time.sleep(3)  # a restore would have happened within this time (see the tests above)
+    deployment = cluster.get_json("deployment", "delta-head", "-n", NS)
+    assert deployment["metadata"]["annotations"]["team.example/owner"] == "ml"
+    applies = [w for w in _writes(operator, since) if "write: status" not in w]
+    assert applies == [], "\n".join(applies)
+
+
+def test_drift_deleted_child_is_recreated(operator: Operator) -> None:
+    cluster = operator.cluster
+    cluster.kubectl("delete", "-n", NS, "service/delta-head-rpc", "--wait=true")
+    eventually(
+        operator,
+        "Service delta-head-rpc recreated",
+        lambda: cluster.run("get", "-n", NS, "service/delta-head-rpc", check=False).returncode == 0,
+        timeout=DRIFT_BOUND_S,
+    )
+    eventually(
+        operator,
+        "a Drift event for the deletion",
+        lambda: _drift_event(cluster, "delta", "service delta-head-rpc was deleted; recreated"),
+        timeout=DRIFT_BOUND_S,
+    )
+
+
+def test_drift_a_writer_racing_the_operator_converges(operator: Operator) -> None:
+    """R25: another manager keeps scaling the engines and overwriting the LLMServer's status
+    while the operator restores and recomputes (its status patches carry a resourceVersion,
+    so they meet 409s); once the writer stops, everything converges."""
+    cluster = operator.cluster
+    eventually(operator, "LLMServer delta Ready", lambda: ready(cluster, "delta"))
+    fake_status = json.dumps({"status": {"engine": {"ready": 0, "desired": 9}}})
+    deadline = time.monotonic() + 6
+    rounds = 0
+    while time.monotonic() < deadline:
+        rounds += 1
+        cluster.kubectl(
+            "patch", "-n", NS, "llms/delta", "--subresource=status", "--type=merge",
+            "-p", fake_status,
+        )  # fmt: skip
+        cluster.kubectl(
+            "scale", "-n", NS, "statefulset/delta-engine", f"--replicas={3 + rounds % 2}"
+        )
+    print(f"{rounds} rounds; conflicts retried: {operator.log().count('changed meanwhile')}")
+
+    def converged() -> dict[str, Any] | None:
+        sts = cluster.get_json("statefulset", "delta-engine", "-n", NS)
+        obj = ready(cluster, "delta")
+        if sts["spec"]["replicas"] != 2 or obj is None:
+            return None
+        return obj if obj["status"]["engine"] == {"ready": 2, "desired": 2} else None
+
+    eventually(operator, "replicas 2 and a true status again", converged, timeout=60)
+
+
+def test_drift_quiet_after_convergence_means_no_writes(operator: Operator) -> None:
+    """After the restores above, the other managers own nothing the operator applies: no loop."""
+    cluster = operator.cluster
+
+    def settled() -> dict[str, Any] | None:
+        obj = ready(cluster, "delta")
+        done = obj is not None and condition(obj, "Progressing").get("reason") == "Complete"
+        pods = cluster.get_json("pods", "-n", NS, "-l", f"{LABEL}=delta")["items"]
+        return obj if done and len(pods) == 3 else None  # one head, two engines, none leaving
+
+    eventually(operator, "delta Ready, rollout complete, no pod terminating", settled)
+    time.sleep(3)
+    since = _log_lines(operator)
+    before = {
+        (c["kind"], c["metadata"]["name"]): c["metadata"]["resourceVersion"]
+        for c in children(cluster, "delta")
+    }
+    time.sleep(8)
+    writes = _writes(operator, since)
+    assert writes == [], "\n".join(writes)
+    after = {
+        (c["kind"], c["metadata"]["name"]): c["metadata"]["resourceVersion"]
+        for c in children(cluster, "delta")
+    }
+    assert after == before
+
+
 def test_delete_garbage_collects_children(operator: Operator) -> None:
     cluster = operator.cluster
-    for name in ("alpha", "beta", "gamma"):
+    for name in ("alpha", "beta", "gamma", "delta"):
         cluster.kubectl("delete", "-n", NS, f"llms/{name}", "--ignore-not-found", "--timeout=60s")
     eventually(
         operator,
         "children garbage-collected",
-        lambda: not any(children(cluster, n) for n in ("alpha", "beta", "gamma")),
+        lambda: not any(children(cluster, n) for n in ("alpha", "beta", "gamma", "delta")),
         timeout=180,
     )
 

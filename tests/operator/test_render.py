@@ -156,7 +156,10 @@ def test_spec_hash_is_stable_and_tracks_changes() -> None:
     assert base == render.spec_hash(llm())
     assert re.fullmatch(r"[0-9a-f]{16}", base)  # a valid label value
     assert render.spec_hash(llm(maxModelLen=1024)) != base
-    assert render.spec_hash(llm(engine={"replicas": 3})) != base
+    assert render.spec_hash(llm(engine={"maxReplicas": 3})) != base
+    # scaling changes no pod: the replica counts are not in the hash
+    assert render.spec_hash(llm(engine={"replicas": 3})) == base
+    assert render.spec_hash(llm(engine={"replicas": 0}, head={"replicas": 2})) == base
     for component in ("head", "engine"):
         labels = pod(llm(), component)["metadata"]["labels"]
         assert labels[render.SPEC_HASH_LABEL] == base
@@ -306,7 +309,11 @@ def test_head_args_parse_back_through_the_server_parser() -> None:
         servedModelName="qwen3",
         maxModelLen=4096,
         head={"apiServersPerPod": 3},
-        engine={"replicas": 4, "extraArgs": ["--max-num-seqs", "128", "--dtype", "float32"]},
+        engine={
+            "replicas": 2,
+            "maxReplicas": 4,
+            "extraArgs": ["--max-num-seqs", "128", "--dtype", "float32"],
+        },
     )
     settings = parsed(container(server, "head"))
     p = settings.parallel
@@ -325,7 +332,7 @@ def test_head_args_parse_back_through_the_server_parser() -> None:
 
 @pytest.mark.parametrize("rank", [0, 3])
 def test_engine_args_parse_back_with_the_rank_from_the_pod_index(rank: int) -> None:
-    server = llm(engine={"replicas": 4, "extraArgs": ["--dtype", "float32"]})
+    server = llm(engine={"replicas": 1, "maxReplicas": 4, "extraArgs": ["--dtype", "float32"]})
     c = container(server, "engine")
     assert "--data-parallel-start-rank" not in c["args"]
     settings = parsed(c, rank=rank)
@@ -346,7 +353,7 @@ def test_no_engines_keeps_a_valid_head() -> None:
     items = children(server)
     assert child(items, "StatefulSet", f"{NAME}-engine")["spec"]["replicas"] == 0
     assert child(items, "Deployment", f"{NAME}-head")["spec"]["replicas"] == 2
-    assert parsed(container(server, "head")).parallel.data_parallel_size == 1
+    assert parsed(container(server, "head")).parallel.data_parallel_size == 8  # maxReplicas
 
 
 @pytest.mark.parametrize(
@@ -354,7 +361,7 @@ def test_no_engines_keeps_a_valid_head() -> None:
     [
         (
             ["--data-parallel-size", "3"],
-            "must not set --data-parallel-size: it comes from spec.engine.replicas",
+            "must not set --data-parallel-size: it comes from spec.engine.maxReplicas",
         ),
         (["--port", "9000"], "must not set --port"),
         (["/other/model"], "must not set --model"),
@@ -416,16 +423,66 @@ def test_path_model_needs_no_volume() -> None:
     assert "initContainers" not in template
 
 
-def test_hugging_face_model_gets_an_init_container_that_explains() -> None:
+def test_hugging_face_model_is_fetched_by_an_init_container() -> None:
     server = llm(model={"huggingFace": {"id": "Qwen/Qwen3-0.6B", "revision": "v1"}})
     for component in ("head", "engine"):
         template = pod(server, component)["spec"]
         (init,) = template["initContainers"]
-        script = " ".join(init["command"])
-        assert "sys.exit(" in script
-        assert "Qwen/Qwen3-0.6B@v1" in script and "spec.model.pvc" in script
+        assert init["command"] == ["kubellm"]
+        assert init["args"][:6] == [
+            "fetch-model", "Qwen/Qwen3-0.6B", "--revision", "v1", "--dest", "/models"
+        ]  # fmt: skip
+        # API servers read only the config and tokenizer: the head skips the weights
+        assert ("--config-only" in init["args"]) == (component == "head")
+        assert "--token-file" not in init["args"]
+        assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"]
+        assert init["securityContext"]["readOnlyRootFilesystem"] is True
         assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"
-        assert parsed(template["containers"][0]).engine.model == "/models"
+        assert {"name": "model", "emptyDir": {}} in template["volumes"]
+        main = template["containers"][0]
+        assert {"name": "model", "mountPath": "/models", "readOnly": True} in main["volumeMounts"]
+        assert parsed(main).engine.model == "/models"
+        # the very parser of `kubellm` accepts what the init container runs
+        args = build_parser().parse_args(init["args"])
+        assert (args.command, args.repo_id, args.revision) == (
+            "fetch-model",
+            "Qwen/Qwen3-0.6B",
+            "v1",
+        )
+
+
+def test_hugging_face_token_endpoint_and_proxy_reach_only_the_fetch_step() -> None:
+    source = {
+        "id": "org/private",
+        "tokenSecretRef": {"name": "hf", "key": "token"},
+        "endpoint": "http://hub-mirror.infra:8080",
+    }
+    server = llm(
+        model={"huggingFace": source}, engine={"env": [{"name": "HTTPS_PROXY", "value": "p:3128"}]}
+    )
+    for component in ("head", "engine"):
+        template = pod(server, component)["spec"]
+        (init,) = template["initContainers"]
+        assert init["args"][-2:] == ["--token-file", "/var/run/secrets/kubellm/hf/token"]
+        env = {e["name"]: e.get("value") for e in init["env"]}
+        assert env["HF_ENDPOINT"] == "http://hub-mirror.infra:8080"
+        assert env["HTTPS_PROXY"] == "p:3128" and "HF_TOKEN" not in env
+        (volume,) = [v for v in template["volumes"] if v["name"] == "hf-token"]
+        assert volume["secret"]["secretName"] == "hf"
+        assert volume["secret"]["items"] == [{"key": "token", "path": "token"}]
+        main = template["containers"][0]
+        assert all(m["name"] != "hf-token" for m in main["volumeMounts"])
+        assert all(e["name"] != "HF_ENDPOINT" for e in main["env"])
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [("HF_TOKEN", "tokenSecretRef"), ("HF_ENDPOINT", "huggingFace.endpoint"), ("HOME", "operator")],
+)
+def test_reserved_env_is_refused_with_what_to_do(name: str, hint: str) -> None:
+    server = llm(engine={"env": [{"name": name, "value": "x"}]})
+    with pytest.raises(render.RenderError, match=f"must not set {name}: .*{hint}"):
+        children(server)
 
 
 # -- services, PDBs, network policy ----------------------------------------------------------------
@@ -486,6 +543,6 @@ def test_the_example_renders() -> None:
         kind = "Deployment" if component == "head" else "StatefulSet"
         workload = child(items, kind, f"{server['metadata']['name']}-{component}")
         settings = parsed(workload["spec"]["template"]["spec"]["containers"][0], rank=1)
-        assert settings.parallel.data_parallel_size == parsed_spec.engine.replicas
+        assert settings.parallel.data_parallel_size == parsed_spec.engine.max_replicas
     # rendering does not mutate the spec
     assert parsed_spec == spec.LLMServerSpec.model_validate(server["spec"])

@@ -163,6 +163,7 @@ def test_cel_rules_have_messages_and_name_real_fields() -> None:
         (spec.MODEL_MESSAGE, ".spec.model"),
         (spec.TP_MESSAGE, ".spec.engine.tensorParallelSize"),
         (spec.HEAD_MESSAGE, ".spec"),
+        (spec.MAX_REPLICAS_MESSAGE, ".spec.engine"),
         (spec.TIMEOUT_MESSAGE, ".spec"),
         (spec.SERVED_NAME_MESSAGE, ".spec.servedModelName"),
     ],
@@ -268,6 +269,9 @@ def test_quantities_may_be_numbers() -> None:
         ({"model": {"path": "/a", "pvc": {"claimName": "c"}}}, spec.MODEL_MESSAGE),
         ({"engine": {"tensorParallelSize": 2}}, "tensor parallelism is not supported yet"),
         ({"engine": {"replicas": 2}, "head": {"replicas": 2}}, spec.HEAD_MESSAGE),
+        ({"engine": {"replicas": 9}}, spec.MAX_REPLICAS_MESSAGE),  # default maxReplicas 8
+        ({"engine": {"replicas": 3, "maxReplicas": 2}}, spec.MAX_REPLICAS_MESSAGE),
+        ({"model": {"huggingFace": {"id": "a/b", "endpoint": "ftp://x"}}}, "should match"),
         ({"startupTimeoutSeconds": 60, "shutdownTimeoutSeconds": 60}, spec.TIMEOUT_MESSAGE),
         ({"servedModelName": "has space"}, "should match pattern"),
         ({"engine": {"replicas": -1}}, "greater than or equal to 0"),

@@ -67,3 +67,10 @@ def test_no_candidates_gives_none() -> None:
 def test_bad_arguments_are_refused(client_index: int, size: int) -> None:
     with pytest.raises(ValueError, match="bad balancer arguments"):
         Balancer(client_index=client_index, size=size)
+
+
+def test_a_draining_engine_is_never_picked() -> None:
+    balancer = Balancer(size=2)
+    loads = [EngineLoad(rank=0, draining=True), EngineLoad(rank=1, running=5, waiting=3)]
+    assert [balancer.pick(loads) for _ in range(3)] == [1, 1, 1]
+    assert balancer.pick([EngineLoad(rank=0, draining=True)]) is None

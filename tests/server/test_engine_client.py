@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -37,8 +38,10 @@ from kubellm.protocol.messages import (
     AddRequest,
     ClientAddress,
     ClientToEngine,
+    DrainingAck,
     EngineCompat,
     EngineDead,
+    EngineDraining,
     EngineEvicted,
     EngineFacts,
     EngineOutputs,
@@ -403,6 +406,41 @@ async def test_abort_and_utilities_are_routed_to_each_request_s_engine(
     await f1.outputs(RequestOutput(request_id="r2", new_token_ids=(), finish_reason="abort"))
     assert (await t2)[-1].finish_reason == "abort"
     assert client.num_in_flight == 0
+
+
+async def test_a_draining_engine_finishes_its_requests_and_gets_no_new_ones(
+    two: tuple[EngineClient, FakeEngine, FakeEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kubellm.server.engine_client")
+    client, f0, f1 = two
+    await f1.beat(SchedulerStats(num_running=5, num_waiting=5))
+    await _eventually(lambda: client.engines()[1].stats.num_running == 5, 5, "stats")
+    t1, t2 = await _start(client, f0, "r1"), await _start(client, f0, "r2")
+    await f0.send(EngineDraining(engine_index=0, incarnation=f0.incarnation, deadline_s=30.0))
+    assert await f0.recv() == DrainingAck(client_index=0)
+    assert (client.num_ready, client.ready) == (1, False)
+    assert [v.state for v in client.engines()] == ["draining", "ready"]
+    assert "engine 0 draining (deadline 30 s)" in caplog.text
+    # New work goes to engine 1 only, however loaded it is; utilities too.
+    news = [await _start(client, f1, f"new{i}") for i in range(3)]
+    assert await f0.recv_nothing()
+    call = asyncio.create_task(client.call_utility("ping"))
+    assert isinstance(await f1.recv(), UtilityRequest)
+    call.cancel()
+    # Its own requests go on: one finishes, the other is still there when it says goodbye.
+    await f0.outputs(RequestOutput(request_id="r1", new_token_ids=(7,)))
+    await f0.outputs(_done("r1", 8))
+    assert _tokens(await t1) == [7, 8]
+    await f0.dead("stopped (SIGTERM, drained)", clean=True)
+    with pytest.raises(EngineDeadError, match="engine 0 died: it stopped"):
+        await t2
+    assert [v.state for v in client.engines()] == ["dead", "ready"]
+    for i, task in enumerate(news):
+        await f1.outputs(_done(f"new{i}", 1))
+        assert _tokens(await task) == [1]
+    assert client.num_in_flight == 0 and not client.errored
+    dead = [r for r in caplog.records if "is dead" in r.message]
+    assert len(dead) == 1 and "failing 1 request(s)" in dead[0].message
 
 
 async def test_one_engine_dies_the_other_serves_and_a_new_incarnation_rejoins(

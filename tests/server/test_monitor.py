@@ -157,13 +157,31 @@ async def test_metrics_report_state_and_load_per_engine(
     assert 'vllm:num_requests_running{engine="3"}' not in text  # no heartbeat from it yet
 
 
-async def test_stopping_fails_the_probes(monitor: EngineMonitor) -> None:
+async def test_stopping_fails_readiness_but_not_liveness(monitor: EngineMonitor) -> None:
     for rank in (2, 3):
         monitor.feed(status(rank, "ready"))
         monitor.feed(beat(rank))
     async with client_for(monitor) as http:
-        assert (await http.get("/health")).status_code == 200
+        assert (await http.get("/ready")).status_code == 200
         monitor.stopping = True
-        stopping = await http.get("/health")
+        stopping = await http.get("/ready")
+        assert (await http.get("/health")).status_code == 200  # until the engines exit
     assert stopping.status_code == 503
     assert stopping.json()["error"]["message"] == "The engines are shutting down."
+
+
+async def test_a_draining_engine_is_live_but_not_ready(monitor: EngineMonitor) -> None:
+    for rank in (2, 3):
+        monitor.feed(status(rank, "ready"))
+        monitor.feed(beat(rank))
+    monitor.feed(status(3, "draining", "SIGTERM: up to 30 s"))
+    async with client_for(monitor) as http:
+        ready = await http.get("/ready")
+        assert [(await http.get(p)).status_code for p in ("/health", "/ping")] == [200, 200]
+        monitor.feed(status(3, "stopped", "stopped (SIGTERM, drained)"))
+        health = await http.get("/health")
+    assert ready.status_code == 503
+    assert "engine 3: draining (SIGTERM: up to 30 s)" in ready.json()["error"]["message"]
+    assert "engine 2" not in ready.json()["error"]["message"]
+    assert health.status_code == 503
+    assert "engine 3: stopped" in health.json()["error"]["message"]

@@ -63,29 +63,31 @@ app.kubernetes.io/part-of: kubellm
   resources: ["llmservers/status"]
   verbs: ["patch"]
 # The children it renders and applies: server-side apply (patch; create when absent), listed
-# by label to find leftovers, deleted when no longer rendered. Only the workloads are watched.
+# by label to find leftovers, deleted when no longer rendered. Every child kind is watched, to
+# undo drift (another writer's change to a field the operator declares).
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- if .Values.rbac.serviceMonitors }}
 # ServiceMonitors for LLMServers with spec.metrics.serviceMonitor (and to clean up old ones).
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
   verbs: ["get", "list", "create", "patch", "delete"]
 {{- end }}
-# Pods are only read: their state explains Unschedulable / CrashLoop conditions.
+# Pods: their state explains Unschedulable / CrashLoop conditions; after a spec change the
+# operator deletes the engine pods of the old spec together (operator/.../rollout.py).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "delete"]
 # A PVC named by spec.model.pvc must exist. No Secrets: apiKeySecretRef is not read (a 403 there
 # only skips the operator's early check; the pods read the key themselves).
 - apiGroups: [""]

@@ -14,6 +14,14 @@ parent goes away. State changes go to the local monitor as `EngineStatus` (never
 Exit codes: 0 after SIGTERM/SIGINT or the parent's death; 1 after a fatal error, a refusal, a
 registration timeout, an eviction or the head's loss. `EngineDead` goes to every link that
 exists first (`clean=True` when told to stop).
+
+Draining (`EngineCoreConfig.drain_timeout_s` > 0, headless engines): the first SIGTERM/SIGINT
+while the loop runs does not stop it. The engine sends `EngineDraining` on every client link,
+reports "draining" to its monitor, and keeps stepping and accepting requests (they were sent
+before the client heard) until nothing is left and every client answered `DrainingAck` (or
+`DRAIN_ACK_WAIT_S` passed), or until the deadline; what is left then fails with an error
+output; then `EngineDead(clean=True)` and exit 0. A second signal, or the watcher ending the
+process (head or parent gone), stops it at once as without a drain.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from types import FrameType
 
 import msgspec
@@ -53,8 +62,10 @@ from kubellm.protocol.codec import BadFrame, client_to_engine_decoder, encode
 from kubellm.protocol.messages import (
     AbortRequests,
     AddRequest,
+    DrainingAck,
     EngineCompat,
     EngineDead,
+    EngineDraining,
     EngineEvicted,
     EngineFacts,
     EngineHello,
@@ -79,6 +90,12 @@ _MAX_MESSAGES_PER_DRAIN = 1024
 """Messages handled per link between two steps at most, so a flood cannot starve steps."""
 _MONITOR_HWM = 100
 _MONITOR_LINGER_MS = 500
+_DRAIN_POLL_MS = 50
+"""Idle poll while draining, so that the end of the drain is noticed soon."""
+DRAIN_ACK_WAIT_S = 5.0
+"""How long an idle draining engine waits for the `DrainingAck` of every client (an API server
+that is gone never answers)."""
+SHUTDOWN_ERROR = "the engine shut down before this request finished"
 
 UtilityValue = str | int | float | bool | list[str] | dict[str, float] | None
 
@@ -89,6 +106,17 @@ class _Shutdown(BaseException):
 
 class _Evicted(Exception):
     """An API server sent `EngineEvicted` (already logged at ERROR)."""
+
+
+@dataclass
+class _Drain:
+    """A graceful stop in progress (times are time.monotonic())."""
+
+    signal_name: str
+    started: float
+    deadline: float
+    acked: set[int] = field(default_factory=set)
+    """Clients that answered `DrainingAck`."""
 
 
 def build_backend(settings: EngineSettings) -> EngineBackend:
@@ -130,6 +158,22 @@ class EngineCore:
         self._finished = False
         self._watcher_ended = True
         self._dropped: set[int] = set()
+        self.serving = False
+        """`EngineReady` went out: clients may send requests, so a signal starts a drain (the
+        loop begins it) rather than stopping at once."""
+        self.drain_signal: str | None = None
+        """Set by the first signal when the engine drains; the loop then starts the drain."""
+        self.drain: _Drain | None = None
+
+    def request_drain(self, signal_name: str) -> bool:
+        """Called by the signal handler: whether this signal starts a drain (rather than
+        stopping the engine at once)."""
+        if self.config.drain_timeout_s <= 0 or not self.serving or self.drain_signal is not None:
+            return False
+        if self.watcher.exit_request is not None:  # the watcher ends the process: no drain
+            return False
+        self.drain_signal = signal_name
+        return True
 
     # -- links -----------------------------------------------------------------------------------
 
@@ -229,6 +273,7 @@ class EngineCore:
     def connect_clients(self, welcome: EngineWelcome, facts: EngineFacts) -> None:
         """A DEALER and a PUSH to every client; `EngineReady` on each DEALER."""
         ready = encode(EngineReady(facts=facts))
+        self.serving = True
         for client in welcome.clients:
             dealer = self.ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.IDENTITY, self.identity)
@@ -264,13 +309,19 @@ class EngineCore:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def run_loop(self, backend: EngineBackend) -> None:
-        """Receive, step, send; forever (until a signal or an exception)."""
+    def run_loop(self, backend: EngineBackend) -> str:
+        """Receive, step, send; until a drain ends (returns the reason for `EngineDead`), a
+        signal or an exception."""
         idle_ms = max(1, int(self.config.settings.heartbeat_interval_s * 1000))
         while True:
+            if self.drain_signal is not None and self.drain is None:
+                self.begin_drain()
+            if self.drain is not None and self.drain_over(backend):
+                return self.end_drain(backend)
             busy = backend.has_work()
             self.clock.mark_busy(busy)
-            self.drain_input(backend, _BUSY_POLL_MS if busy else idle_ms)
+            idle = idle_ms if self.drain is None else min(idle_ms, _DRAIN_POLL_MS)
+            self.drain_input(backend, _BUSY_POLL_MS if busy else idle)
             if not backend.has_work():
                 continue
             self.clock.mark_busy(True)
@@ -309,6 +360,9 @@ class EngineCore:
             self.send_outputs(backend, backend.abort_requests(mine))
         elif isinstance(msg, UtilityRequest):
             self.send_to(client, self.call_utility(backend, msg))
+        elif isinstance(msg, DrainingAck):
+            if self.drain is not None:
+                self.drain.acked.add(client)
         elif isinstance(msg, EngineEvicted):
             logger.error("API server %d evicted this engine: %s", client, msg.reason)
             raise _Evicted(f"evicted by API server {client}: {msg.reason}")
@@ -385,6 +439,60 @@ class EngineCore:
                 self._dropped.add(client)
                 logger.warning("API server %d is not reading; dropping its outputs", client)
 
+    # -- draining --------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Tell every client and the monitor; the loop goes on until `drain_over`."""
+        name, timeout = self.drain_signal or "signal", self.config.drain_timeout_s
+        now = time.monotonic()
+        self.drain = _Drain(signal_name=name, started=now, deadline=now + timeout)
+        logger.info(
+            "engine %d draining (%s): %d request(s) in flight, up to %g s",
+            self.index,
+            name,
+            len(self.owners),
+            timeout,
+        )
+        draining = EngineDraining(
+            engine_index=self.index, incarnation=self.incarnation, deadline_s=timeout
+        )
+        for client in range(len(self.pushes)):
+            self.send_to(client, draining)
+        self.status("draining", f"{name}: up to {timeout:g} s")
+
+    def drain_over(self, backend: EngineBackend) -> bool:
+        drain = self.drain
+        if drain is None:
+            return False
+        now = time.monotonic()
+        if now >= drain.deadline:
+            return True
+        if backend.has_work():
+            return False
+        all_acked = len(drain.acked) >= len(self.pushes)
+        return all_acked or now - drain.started >= DRAIN_ACK_WAIT_S
+
+    def end_drain(self, backend: EngineBackend) -> str:
+        """Fail what is left (the deadline passed); the reason for `EngineDead`."""
+        drain = self.drain
+        name = drain.signal_name if drain is not None else "signal"
+        left = list(self.owners)
+        if left:
+            logger.warning(
+                "engine %d: drain deadline of %g s passed; failing %d request(s)",
+                self.index,
+                self.config.drain_timeout_s,
+                len(left),
+            )
+            error = f"{SHUTDOWN_ERROR} (drain deadline of {self.config.drain_timeout_s:g} s)"
+            failed = [
+                msgspec.structs.replace(out, finish_reason="error", error=error)
+                for out in backend.abort_requests(left)
+            ]
+            self.send_outputs(backend, failed)
+        logger.info("engine %d drained; stopping", self.index)
+        return f"stopped ({name}, drained)"
+
     # -- the end ---------------------------------------------------------------------------------
 
     def finish(self, reason: str, *, clean: bool, tell_head: bool = True) -> None:
@@ -428,20 +536,25 @@ class EngineCore:
             logger.warning("the watcher thread did not stop; not waiting for undelivered frames")
 
 
-def _install_signal_handlers() -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-    stopping = False
+class _SignalHandler:
+    """SIGTERM/SIGINT: the first one starts a drain when the core can drain; otherwise (and
+    for the next one) it raises `_Shutdown` in the main thread; later ones are ignored."""
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        if stopping:
+    def __init__(self) -> None:
+        self.core: EngineCore | None = None
+        self._stopping = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self)
+            signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self._stopping or (self.core is not None and self.core.request_drain(name)):
             return
-        stopping = True
-        raise _Shutdown(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+        self._stopping = True
+        raise _Shutdown(name)
 
 
 def _start_and_run(core: EngineCore) -> int:
@@ -461,7 +574,9 @@ def _start_and_run(core: EngineCore) -> int:
         core.finish(f"start-up failed: {type(e).__name__}: {e}", clean=False)
         return 1
     try:
-        core.run_loop(backend)
+        reason = core.run_loop(backend)
+        core.finish(reason, clean=True)
+        return 0
     except _Evicted as e:  # logged where it happened
         core.finish(str(e), clean=False)
     except Exception as e:
@@ -472,10 +587,11 @@ def _start_and_run(core: EngineCore) -> int:
 
 def run_engine_core(config: EngineCoreConfig) -> int:
     """Run an engine core until it is told to stop (0) or fails (1); returns the exit code."""
-    _install_signal_handlers()
+    handler = _SignalHandler()
+    handler.install()
     if config.parent_pid is not None and config.parent_pid == os.getppid():
         set_parent_death_signal()
-    core = EngineCore(config)
+    core = handler.core = EngineCore(config)
     try:
         core.watcher.start()
         return _start_and_run(core)

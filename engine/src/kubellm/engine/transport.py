@@ -77,6 +77,10 @@ class EngineCoreConfig(BaseModel):
     """Directory with `engine.key_secret` and `head.key`: authenticate and encrypt with CURVE."""
     monitor_address: str | None = None
     """ZMQ address of a local supervisor's PULL for `EngineStatus` and `Heartbeat` (headless)."""
+    drain_timeout_s: float = Field(default=0.0, ge=0)
+    """0: exit at once on SIGTERM/SIGINT (local engines; the API server drains). > 0 (headless
+    engines): on the first signal send `EngineDraining`, finish the requests in flight for at
+    most this long, fail what is left, then exit 0; a second signal ends the drain at once."""
 
 
 def engine_identity(engine_index: int, incarnation: int) -> bytes:

@@ -6,7 +6,13 @@ status; `refresh_status` only recomputes the status (on child and pod events). E
 logged once at INFO as "write: ..." so that tests and humans can see there were none (R24).
 
 A child is skipped when its live `serving.kubellm.io/applied-hash` annotation equals the hash of
-the manifest about to be applied: an unchanged LLMServer costs reads only.
+the manifest about to be applied and no other writer changed a field the operator applied
+(`kubellm.operator.drift`, from managedFields): an unchanged LLMServer costs reads only. A drifted
+child is applied again, forced, fields that others added under `spec` are removed, and a Warning
+Event says so. `check_child` runs that check on each child event, so drift is undone promptly.
+
+409 Conflict (and 422 from a failed JSON-patch test) is retried after a re-read, with bounded
+backoff (R25).
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import kopf
 import pydantic
@@ -28,7 +34,7 @@ from kubernetes import config as k8s_config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ApiException, NotFoundError, ResourceNotFoundError
 
-from kubellm.operator import render, spec, status
+from kubellm.operator import drift, render, rollout, spec, status
 from kubellm.operator.config import (
     ANNOTATION_APPLIED,
     FIELD_MANAGER,
@@ -56,7 +62,11 @@ SPEC_PROBLEMS = ("InvalidSpec", "MissingSecret", "MissingVolume", "NameConflict"
 """Condition reasons of problems in the spec itself; they hold until the spec changes."""
 
 _STATUS_RETRIES = 5
+_CONFLICT_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+"""Sleeps before each retry of a write that met a concurrent writer (409 / 422 test failed)."""
 _ABSENT_TTL_S = 300.0
+_MEMORY_LIMIT = 10_000
+"""Entries kept in Cluster.clean / Cluster.unrestorable before they are forgotten wholesale."""
 
 
 class SpecError(Exception):
@@ -75,6 +85,15 @@ class Cluster:
     api: k8s.ApiClient
     dynamic: DynamicClient
     _locks: dict[tuple[str, str], threading.Lock] = dataclasses.field(default_factory=dict)
+    _child_locks: dict[tuple[str, str], threading.Lock] = dataclasses.field(default_factory=dict)
+    unrestorable: dict[tuple[str, str], frozenset[drift.Path]] = dataclasses.field(
+        default_factory=dict
+    )
+    """(child uid, manifest hash) → drift paths that a restore did not clear: never retried, so a
+    rule that does not fit some field cannot make the operator write in a loop."""
+    clean: dict[str, str] = dataclasses.field(default_factory=dict)
+    """child uid → fingerprint of its managedFields when it was last found free of drift: child
+    events that change only status (most of them) then cost no read at all."""
     _guard: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _resolved: dict[tuple[str, str], tuple[Any, float]] = dataclasses.field(default_factory=dict)
     _discovery: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -84,6 +103,12 @@ class Cluster:
         (kopf runs handlers of pod, StatefulSet and LLMServer events concurrently)."""
         with self._guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def children_lock(self, namespace: str, name: str) -> threading.Lock:
+        """One lock per LLMServer for applying its children: a reconcile and a drift check
+        triggered by a child event never restore the same drift twice."""
+        with self._guard:
+            return self._child_locks.setdefault((namespace, name), threading.Lock())
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> Cluster:
@@ -129,6 +154,8 @@ class Applied:
     updated: list[str] = dataclasses.field(default_factory=list)
     deleted: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    drifted: list[str] = dataclasses.field(default_factory=list)
+    """Descriptions of children that another writer had changed and that were restored."""
 
 
 # -- reconcile ----------------------------------------------------------------------------------
@@ -147,25 +174,33 @@ def reconcile(cluster: Cluster, config: OperatorConfig, body: JSON, log: Log) ->
         check_references(cluster, namespace, llm)
         manifests = _render(name, namespace, uid, llm, config)
         applied = apply_children(cluster, namespace, name, uid, manifests, log)
+        replaced = rollout.replace_stale_engines(
+            cluster, namespace, name, render.spec_hash(llm), log
+        )
     except SpecError as exc:
         log.warning("LLMServer %s/%s: %s: %s", namespace, name, exc.reason, exc.message)
         write_status(
             cluster, namespace, name, log, problem=status.SpecProblem(exc.reason, exc.message)
         )
         raise kopf.PermanentError(f"{exc.reason}: {exc.message}") from exc
-    if applied.created:
-        _event(
-            body, logging.INFO, reason="Created", message="created " + ", ".join(applied.created)
-        )
-    if applied.updated:
-        _event(
-            body, logging.INFO, reason="Updated", message="updated " + ", ".join(applied.updated)
-        )
-    if applied.deleted:
-        _event(
-            body, logging.INFO, reason="Deleted", message="deleted " + ", ".join(applied.deleted)
-        )
+    _post_applied(body, applied)
+    if replaced:
+        message = f"replaced engine pods of the previous spec together: {', '.join(replaced)}"
+        _event(body, logging.INFO, reason="Rolling", message=message)
     write_status(cluster, namespace, name, log)
+
+
+def _post_applied(body: JSON, applied: Applied) -> None:
+    """Events for what one pass did: Created / Updated / Deleted, and a Warning per drift."""
+    for reason, done in (
+        ("Created", applied.created),
+        ("Updated", applied.updated),
+        ("Deleted", applied.deleted),
+    ):
+        if done:
+            _event(body, logging.INFO, reason=reason, message=f"{reason.lower()} {', '.join(done)}")
+    for what in applied.drifted:
+        _event(body, logging.WARNING, reason="Drift", message=f"Drift: {what}")
 
 
 def parse_spec(raw: JSON) -> spec.LLMServerSpec:
@@ -251,13 +286,17 @@ def apply_children(
     manifests: Sequence[JSON],
     log: Log,
 ) -> Applied:
-    """Apply each manifest that differs from the live object; delete owned leftovers."""
+    """Apply each manifest that differs from (or drifted on) the live object; delete owned
+    leftovers."""
     applied = Applied()
-    for manifest in manifests:
-        _apply_one(cluster, namespace, uid, manifest, applied, log)
-    wanted = {(m["kind"], m["metadata"]["name"]) for m in manifests}
-    for api_version, kind in MANAGED_KINDS:
-        _delete_leftovers(cluster, namespace, name, uid, api_version, kind, wanted, applied, log)
+    with cluster.children_lock(namespace, name):
+        for manifest in manifests:
+            _apply_one(cluster, namespace, uid, manifest, applied, log)
+        wanted = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+        for api_version, kind in MANAGED_KINDS:
+            _delete_leftovers(
+                cluster, namespace, name, uid, api_version, kind, wanted, applied, log
+            )
     return applied
 
 
@@ -277,6 +316,7 @@ def _apply_one(
         log.warning("%s not applied: the API server has no %s (CRD not installed?)", what, kind)
         return
     digest = manifest_hash(manifest)
+    body = _with_annotation(manifest, ANNOTATION_APPLIED, digest)
     live = _get(cluster, manifest["apiVersion"], kind, namespace, child)
     if live is not None and live is not _UNKNOWN:
         owner = _controller_uid(live)
@@ -286,18 +326,112 @@ def _apply_one(
             )
         annotations = live.get("metadata", {}).get("annotations") or {}
         if owner == uid and annotations.get(ANNOTATION_APPLIED) == digest:
-            applied.skipped.append(what)
+            changes = drifted(cluster, body, live)
+            if not changes:
+                applied.skipped.append(what)
+                return
+            _restore(cluster, resource, body, changes, applied, log)
             return
-    body = _with_annotation(manifest, ANNOTATION_APPLIED, digest)
     log.info("write: apply %s/%s", namespace, what)
-    resource.server_side_apply(
+    _retry_conflicts(what, log, lambda: _ssa(resource, body))
+    (applied.created if live is None else applied.updated).append(what)
+
+
+def _ssa(resource: Any, body: JSON) -> dict[str, Any]:
+    """Server-side apply of `body`, forced, as the operator's field manager; the result."""
+    meta = body["metadata"]
+    result = resource.server_side_apply(
         body=body,
-        name=child,
-        namespace=namespace,
+        name=meta["name"],
+        namespace=meta["namespace"],
         field_manager=FIELD_MANAGER,
         force_conflicts=True,
     )
-    (applied.created if live is None else applied.updated).append(what)
+    out: dict[str, Any] = result.to_dict()
+    return out
+
+
+def drifted(cluster: Cluster, body: JSON, live: JSON) -> list[drift.Change]:
+    """What other writers changed in `live` since the operator applied `body` (see drift.py),
+    less what an earlier restore of this very manifest could not clear."""
+    changes = drift.find_drift(body, live, FIELD_MANAGER)
+    key = (str(live.get("metadata", {}).get("uid")), manifest_hash(body))
+    stuck = cluster.unrestorable.get(key, frozenset())
+    return [c for c in changes if c.path not in stuck]
+
+
+def _restore(
+    cluster: Cluster,
+    resource: Any,
+    body: JSON,
+    changes: list[drift.Change],
+    applied: Applied,
+    log: Log,
+) -> None:
+    """Undo drift: forced apply (takes declared fields back), then remove the fields others
+    added under spec. Drift that survives this is remembered and not retried (no write loop)."""
+    meta = body["metadata"]
+    kind, child, namespace = body["kind"], meta["name"], meta["namespace"]
+    what = drift.describe(kind, child, changes)
+    log.warning("drift in namespace %s: %s; restoring", namespace, what)
+    log.info("write: apply %s/%s %s (drift)", namespace, kind, child)
+
+    def restore() -> dict[str, Any]:
+        result = _ssa(resource, body)
+        patch = drift.removal_patch(drift.find_drift(body, result, FIELD_MANAGER), result)
+        if not patch:
+            return result
+        log.info("write: remove added fields of %s/%s %s", namespace, kind, child)
+        try:
+            patched = resource.patch(
+                body=patch,
+                name=child,
+                namespace=namespace,
+                content_type="application/json-patch+json",
+                field_manager=FIELD_MANAGER,
+            )
+        except ApiException as exc:
+            if exc.status == 422:  # a `test` failed: those fields changed meanwhile
+                raise _Stale(f"{kind} {child} changed between apply and patch") from exc
+            raise
+        out: dict[str, Any] = patched.to_dict()
+        return out
+
+    result = _retry_conflicts(f"{kind} {child}", log, restore)
+    left = drift.find_drift(body, result, FIELD_MANAGER)
+    if left:
+        if len(cluster.unrestorable) > _MEMORY_LIMIT:
+            cluster.unrestorable.clear()
+        key = (str(result["metadata"]["uid"]), manifest_hash(body))
+        cluster.unrestorable[key] = frozenset(c.path for c in left)
+        log.warning(
+            "drift not undone, not retried until the LLMServer changes: %s/%s",
+            namespace,
+            drift.describe(kind, child, left),
+        )
+    applied.drifted.append(f"{what}; {'not all restored' if left else 'restored'}")
+
+
+T = TypeVar("T")
+
+
+class _Stale(Exception):
+    """A guarded write found the object changed since it was read (a failed JSON-patch test)."""
+
+
+def _retry_conflicts(what: str, log: Log, write: Callable[[], T]) -> T:
+    """Run `write` (which reads what it needs afresh); on 409 Conflict or `_Stale` (the 422 of a
+    failed JSON-patch test) sleep and run it again, a bounded number of times."""
+    for pause in _CONFLICT_BACKOFF_S:
+        try:
+            return write()
+        except (ApiException, _Stale) as exc:
+            if isinstance(exc, ApiException) and exc.status != 409:
+                raise
+            code = exc.status if isinstance(exc, ApiException) else "stale"
+            log.info("%s changed meanwhile (%s); retrying in %.1f s", what, code, pause)
+            time.sleep(pause)
+    return write()
 
 
 def _with_annotation(manifest: JSON, key: str, value: str) -> dict[str, Any]:
@@ -340,6 +474,89 @@ def _delete_leftovers(
         except NotFoundError:
             continue
         applied.deleted.append(f"{kind} {child}")
+
+
+# -- child events: drift ------------------------------------------------------------------------
+
+
+def check_child(
+    cluster: Cluster, config: OperatorConfig, child: JSON, event_type: str | None, log: Log
+) -> None:
+    """On an event of child `child` (Deployment, StatefulSet, Service, PDB, NetworkPolicy):
+    when another writer changed what the operator applied, or deleted the child, apply the
+    LLMServer's children again (`apply_children` restores and reports) and post the Events.
+
+    Reads only when nothing drifted. A child whose applied-hash differs from the current render
+    is left to the LLMServer's own reconcile (a spec change on its way), as is any LLMServer that
+    cannot be rendered or is being deleted.
+    """
+    meta = child["metadata"]
+    namespace, name = meta.get("namespace"), (meta.get("labels") or {}).get(LABEL_NAME)
+    owner_uid = _controller_uid(child)
+    if not namespace or not name or owner_uid is None:
+        return
+    fingerprint = _fingerprint(child)
+    if event_type == "DELETED":
+        cluster.clean.pop(str(meta.get("uid")), None)
+    elif cluster.clean.get(str(meta.get("uid"))) == fingerprint:
+        return  # only status (or nothing the rule looks at) changed since it was found clean
+    try:
+        body = cluster.resource(spec.API_VERSION, spec.KIND).get(name=name, namespace=namespace)
+    except NotFoundError:
+        return
+    owner = body.to_dict()
+    if owner["metadata"]["uid"] != owner_uid or owner["metadata"].get("deletionTimestamp"):
+        return
+    try:
+        manifests = _render(name, namespace, owner_uid, parse_spec(owner.get("spec") or {}), config)
+    except SpecError:
+        return  # the reconcile reports it
+    wanted = [
+        m for m in manifests if (m["kind"], m["metadata"]["name"]) == (child["kind"], meta["name"])
+    ]
+    if not wanted or not _needs_apply(cluster, wanted[0], child, event_type, fingerprint):
+        return
+    if event_type == "DELETED":
+        log.warning(
+            "drift: %s %s/%s was deleted; recreating", child["kind"], namespace, meta["name"]
+        )
+    applied = apply_children(cluster, namespace, name, owner_uid, manifests, log)
+    if event_type == "DELETED" and applied.created:
+        applied.drifted += [f"{what.lower()} was deleted; recreated" for what in applied.created]
+        applied.created = []
+    _post_applied(owner, applied)
+
+
+def _needs_apply(
+    cluster: Cluster, manifest: JSON, child: JSON, event_type: str | None, fingerprint: str
+) -> bool:
+    """Whether child `child`, as its event shows it, has drifted from `manifest` (or is gone).
+    A child found clean is remembered by `fingerprint`."""
+    if event_type == "DELETED":
+        return True
+    digest = manifest_hash(manifest)
+    annotations = child["metadata"].get("annotations") or {}
+    if annotations.get(ANNOTATION_APPLIED) != digest:
+        return False
+    if drifted(cluster, _with_annotation(manifest, ANNOTATION_APPLIED, digest), child):
+        return True
+    if len(cluster.clean) > _MEMORY_LIMIT:
+        cluster.clean.clear()
+    cluster.clean[str(child["metadata"].get("uid"))] = fingerprint
+    return False
+
+
+def _fingerprint(child: JSON) -> str:
+    """What the drift rule reads of a child, less status and timestamps: its applied-hash and
+    the managedFields entries of the main resource and `scale`."""
+    meta = child["metadata"]
+    entries = [
+        {k: v for k, v in entry.items() if k != "time"}
+        for entry in meta.get("managedFields") or []
+        if (entry.get("subresource") or "") in drift.OUR_SUBRESOURCES
+    ]
+    applied = (meta.get("annotations") or {}).get(ANNOTATION_APPLIED)
+    return manifest_hash({"applied": applied, "entries": entries})
 
 
 # -- status -------------------------------------------------------------------------------------
@@ -397,7 +614,7 @@ def _write_status_locked(
     keep_problem: bool,
 ) -> None:
     resource = cluster.resource(spec.API_VERSION, spec.KIND)
-    for _ in range(_STATUS_RETRIES):
+    for attempt in range(_STATUS_RETRIES):
         try:
             body = resource.get(name=name, namespace=namespace).to_dict()
         except NotFoundError:
@@ -422,6 +639,7 @@ def _write_status_locked(
                 return  # deleted meanwhile
             if exc.status == 409:
                 log.info("status of %s/%s changed meanwhile; recomputing", namespace, name)
+                time.sleep(_CONFLICT_BACKOFF_S[min(attempt, len(_CONFLICT_BACKOFF_S) - 1)])
                 continue
             raise
         _post_transitions(body, old, new)

@@ -5,8 +5,10 @@ kopf's memo carries `config` (OperatorConfig, set by the CLI) and `cluster` (app
 connected at start-up).
 
 - LLMServer created / changed / found at start-up → render, apply, status (`apply.reconcile`).
-- A Deployment, StatefulSet or Pod labelled serving.kubellm.io/name changes → status only.
-  The watches select on that label server-side, so other pods never reach the operator.
+- A child (Deployment, StatefulSet, Service, PodDisruptionBudget, NetworkPolicy) labelled
+  serving.kubellm.io/name changes or is deleted → undo drift, if another writer changed what the
+  operator applied (`apply.check_child`), then refresh the status. A Pod → status only.
+  The watches select on that label server-side, so other objects never reach the operator.
 
 No finalizers (R26): there are no deletion handlers, timers or daemons; deleting an LLMServer
 deletes its children through their ownerReferences (garbage collection), also while the
@@ -32,8 +34,12 @@ RETRY_S = 10
 CHILD_RESOURCES = (
     ("apps", "v1", "deployments"),
     ("apps", "v1", "statefulsets"),
+    ("", "v1", "services"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
     ("", "v1", "pods"),
 )
+"""What the operator watches (label-selected): every child kind it applies, and the pods."""
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -69,10 +75,35 @@ def reconcile(body: kopf.Body, memo: Any, logger: Log, **_: Any) -> None:
         apply.reconcile(memo.cluster, memo.config, body, logger)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={LABEL_NAME: kopf.PRESENT}, registry=registry)
-@kopf.on.event("apps", "v1", "statefulsets", labels={LABEL_NAME: kopf.PRESENT}, registry=registry)
-@kopf.on.event("", "v1", "pods", labels={LABEL_NAME: kopf.PRESENT}, registry=registry)
-def child_changed(body: kopf.Body, namespace: str | None, memo: Any, logger: Log, **_: Any) -> None:
+_LABELLED = {LABEL_NAME: kopf.PRESENT}
+STATUS_KINDS = ("Deployment", "StatefulSet")
+"""Children whose changes can change the LLMServer's status (with the pods)."""
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=_LABELLED, registry=registry)
+@kopf.on.event("apps", "v1", "statefulsets", labels=_LABELLED, registry=registry)
+@kopf.on.event("", "v1", "services", labels=_LABELLED, registry=registry)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_LABELLED, registry=registry)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=_LABELLED, registry=registry)
+def child_changed(
+    body: kopf.Body,
+    namespace: str | None,
+    type: str | None,  # noqa: A002 (kopf's keyword: ADDED / MODIFIED / DELETED / None)
+    memo: Any,
+    logger: Log,
+    **_: Any,
+) -> None:
+    apply.check_child(memo.cluster, memo.config, body, type, logger)
+    if body.get("kind") in STATUS_KINDS:
+        _refresh(body, namespace, memo, logger)
+
+
+@kopf.on.event("", "v1", "pods", labels=_LABELLED, registry=registry)
+def pod_changed(body: kopf.Body, namespace: str | None, memo: Any, logger: Log, **_: Any) -> None:
+    _refresh(body, namespace, memo, logger)
+
+
+def _refresh(body: kopf.Body, namespace: str | None, memo: Any, logger: Log) -> None:
     owner = body.metadata.labels.get(LABEL_NAME)
     if owner and namespace:
         metrics.STATUS_REFRESHES.inc()

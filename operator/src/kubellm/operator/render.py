@@ -44,9 +44,17 @@ GPU_RESOURCE = "nvidia.com/gpu"
 CONTAINER = "kubellm"
 MODELS_DIR = "/models"
 CACHE_DIR = "/var/cache/kubellm"
-RESERVED_ENV = frozenset(
-    {"POD_IP", "HOME", "XDG_CACHE_HOME", env_name("api_key"), env_name("data_parallel_start_rank")}
-)
+RESERVED_ENV = {
+    "POD_IP": "the operator sets it",
+    "HOME": "the operator sets it",
+    "XDG_CACHE_HOME": "the operator sets it",
+    "HF_HUB_DISABLE_TELEMETRY": "the operator sets it",
+    env_name("api_key"): "use spec.apiKeySecretRef",
+    env_name("data_parallel_start_rank"): "the operator sets it from the pod ordinal",
+    "HF_ENDPOINT": "use spec.model.huggingFace.endpoint",
+    "HF_TOKEN": "use spec.model.huggingFace.tokenSecretRef",
+}
+"""Variables spec.engine.env may not set, and what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +82,19 @@ class RenderConfig:
 # -- names, labels and small helpers used by the status code -------------------------------------
 
 
+SCALE_FIELDS = (("engine", "replicas"), ("head", "replicas"))
+"""Spec fields that only change how many pods run: left out of the spec hash, so scaling
+adds or removes pods and restarts none."""
+
+
 def spec_hash(spec: LLMServerSpec) -> str:
-    """A stable 16-hex-digit hash of the spec: the pods' spec-hash label and the head/engine
-    `--deployment-revision`, so that any spec change rolls every pod and never mixes revisions."""
-    canonical = json.dumps(
-        spec.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
-    )
+    """A stable 16-hex-digit hash of the spec without its replica counts: the pods' spec-hash
+    label and the head/engine `--deployment-revision`, so that any other spec change rolls every
+    pod and never mixes revisions, while scaling restarts nothing."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    for section, field in SCALE_FIELDS:
+        data[section].pop(field)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -157,23 +172,56 @@ def _model_volume(spec: LLMServerSpec) -> tuple[list[dict[str, Any]], list[dict[
     return [], []
 
 
-def _fetch_container(spec: LLMServerSpec, image: str, config: RenderConfig) -> dict[str, Any]:
-    """The init container of a huggingFace source. There is no hub access in the clusters this
-    operator targets yet, so it fails at once with a message that names the alternatives."""
+HF_TOKEN_DIR = "/var/run/secrets/kubellm/hf"
+HF_TOKEN_VOLUME = "hf-token"
+
+
+def _hf_volumes(spec: LLMServerSpec) -> list[dict[str, Any]]:
+    """The token Secret of a huggingFace source, as a volume (only the one key, as "token")."""
+    hf = spec.model.hugging_face
+    if hf is None or hf.token_secret_ref is None:
+        return []
+    ref = hf.token_secret_ref
+    secret = {
+        "secretName": ref.name,
+        "items": [{"key": ref.key, "path": "token"}],
+        "defaultMode": 0o440,
+    }
+    return [{"name": HF_TOKEN_VOLUME, "secret": secret}]
+
+
+def _fetch_container(spec: LLMServerSpec, pod: _Pod, config: RenderConfig) -> dict[str, Any]:
+    """The init container of a huggingFace source: `kubellm fetch-model` into the model
+    emptyDir. Head pods fetch only what API servers read (config, tokenizer, chat template)."""
     hf = spec.model.hugging_face
     if hf is None:
         raise RenderError("internal: no huggingFace model source")
-    message = (
-        f"kubellm: spec.model.huggingFace ({hf.id}@{hf.revision}) is not supported yet: the "
-        "operator cannot fetch models from the Hugging Face Hub. Put the model on a "
-        "PersistentVolumeClaim (spec.model.pvc) or in the image (spec.model.path)."
-    )
-    container = _base_container("fetch-model", image, config)
-    container["command"] = ["python", "-c", f"import sys; sys.exit({message!r})"]
-    container["volumeMounts"] = [
+    args = ["fetch-model", hf.id, "--revision", hf.revision, "--dest", MODELS_DIR]
+    if pod.component == "head":
+        args.append("--config-only")
+    mounts: list[dict[str, Any]] = [
         {"name": "model", "mountPath": MODELS_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_DIR},
     ]
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        *_user_env(spec),
+    ]
+    if hf.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hf.endpoint})
+    if hf.token_secret_ref is not None:
+        args += ["--token-file", f"{HF_TOKEN_DIR}/token"]
+        mounts.append({"name": HF_TOKEN_VOLUME, "mountPath": HF_TOKEN_DIR, "readOnly": True})
+    container = _base_container("fetch-model", pod.image, config)
+    container.update(
+        {
+            "command": ["kubellm"],
+            "args": args,
+            "env": _env(env),
+            "volumeMounts": sorted(mounts, key=lambda m: str(m["mountPath"])),
+        }
+    )
     return container
 
 
@@ -238,7 +286,7 @@ def _user_env(spec: LLMServerSpec) -> list[dict[str, Any]]:
     out = []
     for var in spec.engine.env:
         if var.name in RESERVED_ENV:
-            raise RenderError(f"spec.engine.env must not set {var.name}: the operator sets it")
+            raise RenderError(f"spec.engine.env must not set {var.name}: {RESERVED_ENV[var.name]}")
         out.append({"name": var.name, "value": var.value})
     if len({v["name"] for v in out}) != len(out):
         raise RenderError("spec.engine.env names a variable twice")
@@ -306,6 +354,7 @@ def _pod_template(
         "volumes": sorted(
             [
                 *volumes,
+                *_hf_volumes(spec),
                 {"name": "tmp", "emptyDir": {}},
                 {"name": "cache", "emptyDir": {}},
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}},
@@ -314,7 +363,7 @@ def _pod_template(
         ),
     }
     if spec.model.hugging_face is not None:
-        pod_spec["initContainers"] = [_fetch_container(spec, pod.image, config)]
+        pod_spec["initContainers"] = [_fetch_container(spec, pod, config)]
     _schedule(pod_spec, spec, pod.component)
     pod_labels = {**labels(name, pod.component), SPEC_HASH_LABEL: spec_hash(spec)}
     return {"metadata": {"labels": pod_labels}, "spec": pod_spec}

@@ -29,7 +29,7 @@ OWNED = {
     "shutdown_timeout": "spec.shutdownTimeoutSeconds",
     "api_server_count": "spec.head.apiServersPerPod",
     "headless": "the operator",
-    "data_parallel_size": "spec.engine.replicas",
+    "data_parallel_size": "spec.engine.maxReplicas",
     "data_parallel_size_local": "the operator",
     "data_parallel_start_rank": "the operator (from the pod ordinal)",
     "data_parallel_address": "the operator",
@@ -91,8 +91,10 @@ def _build(
 
 
 def data_parallel_size(spec: LLMServerSpec) -> int:
-    """D: engine.replicas, at least 1 (with 0 engines the head waits for one, not ready)."""
-    return max(1, spec.engine.replicas)
+    """D for head and engines: engine.maxReplicas, the ranks the head accepts. Not
+    engine.replicas, so that scaling changes no pod's arguments (the head serves while at least
+    one engine is ready: `--min-ready-engines 1`)."""
+    return spec.engine.max_replicas
 
 
 def _common(spec: LLMServerSpec, http_port: int, revision: str) -> dict[str, dict[str, Any]]:

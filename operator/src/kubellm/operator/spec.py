@@ -43,6 +43,12 @@ HEAD_MESSAGE = (
     "(scale API servers with head.apiServersPerPod instead)"
 )
 MODEL_MESSAGE = "model: set exactly one of path, pvc or huggingFace"
+DEFAULT_REPLICAS = 1
+DEFAULT_MAX_REPLICAS = 8
+MAX_REPLICAS_MESSAGE = (
+    "engine.replicas must not exceed engine.maxReplicas (the most engines the head accepts); "
+    "raise engine.maxReplicas first, which restarts every pod"
+)
 TIMEOUT_MESSAGE = "shutdownTimeoutSeconds must be less than startupTimeoutSeconds"
 SERVED_NAME_MESSAGE = (
     "servedModelName may contain only letters, digits and . _ : / - and must start with a "
@@ -92,13 +98,29 @@ class PVCSource(_Model):
     default: the claim's root."""
 
 
+class SecretKeyRef(_Model):
+    """A key of a Secret in the LLMServer's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Secret name."""
+    key: str = Field(min_length=1, max_length=253)
+    """Key within the Secret."""
+
+
 class HFSource(_Model):
     """A Hugging Face Hub repository, fetched by an init container."""
 
     id: str = Field(min_length=1, max_length=256)
     """Repository id, e.g. "Qwen/Qwen3-0.6B"."""
     revision: str = Field(default="main", min_length=1, max_length=256)
-    """Branch, tag or commit to fetch."""
+    """Branch, tag or commit to fetch. A branch is resolved when a pod starts, so pods started
+    at different times may get different commits: pin a commit for reproducible rollouts."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret key holding a Hugging Face access token (gated or private models)."""
+    endpoint: str | None = Field(
+        default=None, min_length=1, max_length=1024, pattern=r"^https?://[^\s]+$"
+    )
+    """Hub endpoint (HF_ENDPOINT), e.g. an in-cluster mirror; default: huggingface.co."""
 
 
 class ModelSource(_Model):
@@ -117,8 +139,8 @@ class ModelSource(_Model):
     pvc: PVCSource | None = None
     """A PersistentVolumeClaim holding the model, mounted read-only at /models."""
     hugging_face: HFSource | None = None
-    """A Hugging Face Hub repository. Not supported yet in clusters without hub access: the
-    init container that would fetch it fails with a message saying so."""
+    """A Hugging Face Hub repository, fetched into an emptyDir at /models by an init container
+    of each pod (`kubellm fetch-model`; head pods fetch only the config and tokenizer files)."""
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
@@ -148,9 +170,22 @@ class EnvVar(_Model):
 class EngineSpec(_Model):
     """The engine pods (a StatefulSet): one headless `kubellm serve` per pod, one rank each."""
 
-    replicas: int = Field(default=1, ge=0, le=1024)
-    """Engine pods = the data-parallel size. 0 scales the engines down (the head stays, not
-    ready). The scale subresource sets this field."""
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            # has(): the rule also checks the schema's default `{}`, before defaulting
+            f"(has(self.replicas) ? self.replicas : {DEFAULT_REPLICAS}) <= "
+            f"(has(self.maxReplicas) ? self.maxReplicas : {DEFAULT_MAX_REPLICAS})",
+            MAX_REPLICAS_MESSAGE,
+        )
+    )
+
+    replicas: int = Field(default=DEFAULT_REPLICAS, ge=0, le=1024)
+    """Engine pods (data-parallel engines). 0 scales the engines down (the head stays, not
+    ready). The scale subresource sets this field; changing it adds or removes engine pods
+    without restarting the others."""
+    max_replicas: int = Field(default=DEFAULT_MAX_REPLICAS, ge=1, le=1024)
+    """The most engine pods (the head accepts ranks 0..maxReplicas-1). replicas may change up
+    to this without any restart; changing maxReplicas itself restarts every pod."""
     tensor_parallel_size: int = Field(
         default=1, ge=1, le=64, json_schema_extra=_cel("self == 1", TP_MESSAGE)
     )
@@ -168,7 +203,8 @@ class EngineSpec(_Model):
     every engine so that settings they must agree on (dtype, backend) match. Flags the operator
     sets from this spec (model, ports, data-parallel layout, ...) are refused."""
     env: list[EnvVar] = Field(default_factory=list, max_length=128)
-    """Extra environment variables of the engine containers."""
+    """Extra environment variables of the engine containers, and of the init containers that
+    fetch a huggingFace model (e.g. HTTPS_PROXY)."""
 
     @field_validator("tensor_parallel_size")
     @classmethod
@@ -176,6 +212,12 @@ class EngineSpec(_Model):
         if value != 1:
             raise ValueError(TP_MESSAGE)
         return value
+
+    @model_validator(mode="after")
+    def _within_max(self) -> EngineSpec:
+        if self.replicas > self.max_replicas:
+            raise ValueError(MAX_REPLICAS_MESSAGE)
+        return self
 
 
 class HeadSpec(_Model):
@@ -187,15 +229,6 @@ class HeadSpec(_Model):
     """API server processes per head pod (`--api-server-count`); each talks to every engine."""
     resources: Resources = Field(default_factory=Resources, json_schema_extra={"default": {}})
     """Compute resources of the head container."""
-
-
-class SecretKeyRef(_Model):
-    """A key of a Secret in the LLMServer's namespace."""
-
-    name: str = Field(min_length=1, max_length=253)
-    """Secret name."""
-    key: str = Field(min_length=1, max_length=253)
-    """Key within the Secret."""
 
 
 class Scheduling(_Model):

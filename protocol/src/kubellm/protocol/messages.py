@@ -15,10 +15,10 @@ cores; every engine talks to every client.
 * client → engine: each API server binds a ROUTER ("input") socket; each engine core connects a
   DEALER with the same routing id. The engine's first message on it is `EngineReady` (the
   handshake); the client then sends `AddRequest`, `AbortRequests`, `UtilityRequest` to that
-  routing id, or `EngineEvicted` to make an engine it no longer trusts exit.
+  routing id, `EngineEvicted` to make an engine it no longer trusts exit, and `DrainingAck`.
 * engine → client: each API server binds a PULL ("output") socket; each engine core connects a
-  PUSH and sends `EngineOutputs` batches, `Heartbeat`s, `UtilityResult`s and, before it exits,
-  one `EngineDead`.
+  PUSH and sends `EngineOutputs` batches, `Heartbeat`s, `UtilityResult`s, `EngineDraining` when
+  it is told to stop gracefully, and, before it exits, one `EngineDead`.
 * engine → local monitor (headless pods): `EngineStatus` changes and `Heartbeat`s over a PUSH to
   the supervising `kubellm serve --headless` process, which serves /health and /metrics.
 
@@ -33,7 +33,7 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped on any incompatible change of the messages below."""
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -238,6 +238,24 @@ class EngineDead(_Msg, frozen=True):
     clean: bool = False
 
 
+class EngineDraining(_Msg, frozen=True):
+    """Engine → client, once, on a graceful stop (SIGTERM to an engine with a drain timeout):
+    send me no new request. The engine finishes what it has (and what was sent before the
+    client heard), for at most `deadline_s` seconds, then says `EngineDead(clean=True)`."""
+
+    engine_index: int
+    incarnation: int
+    deadline_s: float
+    """How long from now the engine waits at most for its requests to finish."""
+
+
+class DrainingAck(_Msg, frozen=True):
+    """Client → engine, in answer to `EngineDraining`: this API server sends the engine no new
+    request. Links are FIFO, so every request the client sent before lies ahead of it."""
+
+    client_index: int = 0
+
+
 class EngineEvicted(_Msg, frozen=True):
     """Client → engine: this API server no longer accepts the engine (it declared it dead, or
     its facts do not match); the engine logs the reason and exits non-zero, so that Kubernetes
@@ -287,7 +305,8 @@ class HeadBeat(_Msg, frozen=True):
     timestamp: float
 
 
-EngineState = Literal["registering", "loading", "ready", "stopped", "failed"]
+EngineState = Literal["registering", "loading", "ready", "draining", "stopped", "failed"]
+""""draining": told to stop gracefully, it finishes its requests and takes no new ones."""
 
 
 class EngineStatus(_Msg, frozen=True):
@@ -300,8 +319,10 @@ class EngineStatus(_Msg, frozen=True):
     timestamp: float = 0.0
 
 
-ClientToEngine = AddRequest | AbortRequests | UtilityRequest | EngineEvicted
-EngineToClient = EngineReady | EngineOutputs | Heartbeat | UtilityResult | EngineDead
+ClientToEngine = AddRequest | AbortRequests | UtilityRequest | EngineEvicted | DrainingAck
+EngineToClient = (
+    EngineReady | EngineOutputs | Heartbeat | UtilityResult | EngineDraining | EngineDead
+)
 EngineToCoordinator = EngineHello | Heartbeat | EngineDead
 CoordinatorToEngine = EngineWelcome | EngineRefused | HeadBeat
 EngineToMonitor = EngineStatus | Heartbeat

@@ -6,7 +6,8 @@ Pure: the engine client describes each ready engine's load as an `EngineLoad`, a
 the engine's last stats report`, so an engine that is already queueing is avoided more than one
 that is merely busy, and requests sent between two reports are counted at once. Ties go to the
 lower KV cache usage, then round the ranks in rotation, starting at the API server's own index
-so that N API servers do not all pick engine 0.
+so that N API servers do not all pick engine 0. A draining engine (it said `EngineDraining`) is
+never picked: it finishes what it has and then stops.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class EngineLoad:
     """Requests this API server sent it since that report."""
     kv_cache_usage: float = 0.0
     """Fraction of its KV blocks in use (its last report)."""
+    draining: bool = False
+    """It is stopping gracefully: it takes no new request."""
 
     @property
     def score(self) -> int:
@@ -48,8 +51,8 @@ class Balancer:
         """The rank that goes first among equally loaded engines."""
 
     def pick(self, loads: Iterable[EngineLoad]) -> int | None:
-        """The rank to send the next request to; None when `loads` is empty."""
-        candidates = list(loads)
+        """The rank to send the next request to; None when no engine in `loads` can take it."""
+        candidates = [load for load in loads if not load.draining]
         if not candidates:
             return None
         modulus = max(self._size, *(c.rank + 1 for c in candidates))

@@ -1,4 +1,5 @@
-"""The `kubellm` command: `kubellm serve [MODEL] [flags]`, `kubellm zmq-keys DIR` and
+"""The `kubellm` command: `kubellm serve [MODEL] [flags]`, `kubellm zmq-keys DIR`,
+`kubellm fetch-model REPO_ID --dest DIR` (the init step behind `spec.model.huggingFace`) and
 `kubellm --version`.
 
 The serve flags are generated from `ServeSettings` (one flag per field, help text from the
@@ -54,7 +55,49 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument(
         "--force", action="store_true", help="Overwrite key files that already exist."
     )
+    add_fetch_model_parser(commands)
     return parser
+
+
+def add_fetch_model_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fetch = commands.add_parser(
+        "fetch-model",
+        help="Fetch a safetensors checkpoint from a Hugging Face hub into a directory.",
+        description="Fetch the files a server needs (config, safetensors weights, tokenizer, "
+        "chat template; never pickle weights) into DEST, resumably, and record them in "
+        "DEST/.kubellm-model.json. A re-run for the same repo and revision makes no network "
+        "call. The hub is $HF_ENDPOINT (default https://huggingface.co); HF_HUB_OFFLINE=1 "
+        "allows only an already complete DEST.",
+    )
+    fetch.add_argument("repo_id", metavar="REPO_ID", help="Hub repo id, e.g. Qwen/Qwen3-0.6B.")
+    fetch.add_argument(
+        "--revision", default="main", help="Branch, tag or commit sha (default: main)."
+    )
+    fetch.add_argument("--dest", required=True, help="Directory to fetch into (created).")
+    fetch.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="File holding the hub token (default: the HF_TOKEN environment variable).",
+    )
+    fetch.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="Fetch the files matching PATTERN (fnmatch on the path in the repo) instead of "
+        "the default set; repeatable.",
+    )
+    fetch.add_argument(
+        "--config-only",
+        action="store_true",
+        help="Fetch only what an API server reads (config, tokenizer, chat template), no "
+        "weights: for head pods that run no engine (--data-parallel-size-local 0).",
+    )
+    fetch.add_argument(
+        "--force",
+        action="store_true",
+        help="Fetch into a DEST that holds another model (or files of unknown origin), and "
+        "check an already fetched model against the hub.",
+    )
 
 
 def parse_serve_settings(
@@ -139,7 +182,37 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return run_serve(settings)
     if args.command == "zmq-keys":
         return run_zmq_keys(Path(args.directory), force=args.force)
+    if args.command == "fetch-model":
+        return run_fetch_model(parser, args, os.environ if environ is None else environ)
     parser.error(f"unknown command {args.command!r}")
+
+
+def run_fetch_model(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, environ: Mapping[str, str]
+) -> int:
+    """`kubellm fetch-model`: bad arguments exit 2, a failed fetch exits 1 with one line."""
+    from kubellm.protocol.logs import configure_logging
+
+    # Read by huggingface_hub at import: no telemetry, and no extra request for its user-agent
+    # registry (GET $HF_ENDPOINT/api/agent-harnesses), which a mirror may not serve.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from kubellm.server.fetch import FetchArgumentError, request_from_args, run_fetch
+
+    try:
+        request = request_from_args(
+            args.repo_id,
+            revision=args.revision,
+            dest=args.dest,
+            token_file=args.token_file,
+            include=args.include,
+            force=args.force,
+            environ=environ,
+            config_only=args.config_only,
+        )
+    except FetchArgumentError as e:
+        _subparser(parser, "fetch-model").error(str(e))
+    configure_logging()
+    return run_fetch(request)
 
 
 if __name__ == "__main__":

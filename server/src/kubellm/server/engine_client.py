@@ -16,6 +16,11 @@ Death fails only that slot's requests and utility calls with `EngineDeadError`; 
 dead incarnation sends afterwards is answered with `EngineEvicted`, so it exits. The death of a
 local engine is fatal (`errored`): the launcher's watchdog then ends the process.
 
+Draining: an engine told to stop gracefully (a headless engine pod removed on scale-down) says
+`EngineDraining`; its slot stays alive for its requests in flight but takes no new ones and no
+longer counts as ready, and the client answers `DrainingAck` (after every request it sent the
+engine, links being FIFO). Its `EngineDead(clean=True)` normally finds nothing left to fail.
+
 Connection loss: libzmq builds without the draft API have no ROUTER_NOTIFY, so a socket monitor
 reports that *some* peer disconnected, and the client then probes each ready slot with an empty
 `AbortRequests` (a no-op for the engine): with ROUTER_MANDATORY a send to a peer whose
@@ -52,8 +57,10 @@ from kubellm.protocol.messages import (
     AbortRequests,
     AddRequest,
     ClientAddress,
+    DrainingAck,
     EngineCompat,
     EngineDead,
+    EngineDraining,
     EngineEvicted,
     EngineFacts,
     EngineOutputs,
@@ -224,6 +231,11 @@ class EngineClient:
             raise EngineDeadError(str(self._dead_error))
 
     def _ready_slots(self) -> list[Slot]:
+        """Alive slots that take new requests (not draining), by rank."""
+        return [slot for slot in self._live_slots() if not slot.draining]
+
+    def _live_slots(self) -> list[Slot]:
+        """Alive slots, draining ones included (their requests are still watched), by rank."""
         return [self._slots[r] for r in sorted(self._slots) if self._slots[r].alive]
 
     # -- start-up -----------------------------------------------------------------------------
@@ -377,7 +389,7 @@ class EngineClient:
             now = time.monotonic()
             stalled, last_tick = now - last_tick > _LOOP_STALL_S, now
             self._check_local_exits()
-            for slot in self._ready_slots():
+            for slot in self._live_slots():
                 self._check_slot(slot, now, stalled)
             if now < self._probe_until:
                 await self._probe_connections(now)
@@ -404,8 +416,8 @@ class EngineClient:
             self._declare_dead(slot, "its connection to this API server closed")
 
     async def _probe_connections(self, now: float) -> None:
-        """Find ready slots whose connection is gone (see the module docstring)."""
-        for slot in self._ready_slots():
+        """Find live slots whose connection is gone (see the module docstring)."""
+        for slot in self._live_slots():
             if slot.disconnected_at is not None:
                 continue
             try:
@@ -503,12 +515,34 @@ class EngineClient:
                 self._record_engine_stats(slot, msg.stats)
         elif isinstance(msg, Heartbeat):
             self._on_heartbeat(slot, msg)
+        elif isinstance(msg, EngineDraining):
+            await self._on_draining(slot, msg)
         else:
             what = "it stopped" if msg.clean else "it reported a fatal error"
             self._declare_dead(slot, f"{what}: {msg.reason}")
 
+    async def _on_draining(self, slot: Slot, msg: EngineDraining) -> None:
+        """No new requests for the slot; its own go on. Acknowledged after every request this
+        client sent it (the link is FIFO), so the engine knows when none can still arrive."""
+        if slot.draining:
+            return
+        slot.draining_deadline_s = msg.deadline_s
+        logger.info(
+            "engine %d draining (deadline %g s): %d request(s) of this API server in flight; "
+            "%d of %d engine(s) ready",
+            slot.rank,
+            msg.deadline_s,
+            len(slot.requests),
+            self.num_ready,
+            self._size,
+        )
+        with contextlib.suppress(EngineDeadError):  # gone already: its requests fail with it
+            await self._send(slot, DrainingAck(client_index=self._client_index))
+
     async def _from_unknown(
-        self, identity: bytes | None, msg: EngineOutputs | Heartbeat | EngineDead
+        self,
+        identity: bytes | None,
+        msg: EngineOutputs | Heartbeat | EngineDraining | EngineDead,
     ) -> None:
         """A message from an incarnation without a ready slot: a dead one is evicted; an
         EngineDead before the handshake is kept for start-up errors; the rest is dropped."""
@@ -568,8 +602,9 @@ class EngineClient:
             return
         slot.dead_reason = reason
         self._evicted.remember(slot.identity, reason)
+        expected = self._stopping or (slot.draining and not slot.requests and not slot.calls)
         logger.log(
-            logging.INFO if self._stopping else logging.ERROR,
+            logging.INFO if expected else logging.ERROR,
             "engine %d (incarnation %016x on %s, pid %d) is dead: %s; failing %d request(s)",
             slot.rank,
             slot.facts.incarnation,
@@ -588,7 +623,8 @@ class EngineClient:
         if slot.local:
             self._set_fatal(f"engine {slot.rank}: {reason}")
         else:
-            logger.warning("%d of %d engine(s) ready", self.num_ready, self._size)
+            level = logging.INFO if expected else logging.WARNING
+            logger.log(level, "%d of %d engine(s) ready", self.num_ready, self._size)
 
     def _set_fatal(self, reason: str) -> None:
         if self._dead_error is not None or self._closed or self._stopping:
@@ -613,7 +649,9 @@ class EngineClient:
             f"no engine is ready to take this request (of {self._size} expected); try again later"
         )
 
-    async def _send(self, slot: Slot, msg: AddRequest | AbortRequests | UtilityRequest) -> None:
+    async def _send(
+        self, slot: Slot, msg: AddRequest | AbortRequests | UtilityRequest | DrainingAck
+    ) -> None:
         """Send to a slot's engine; EngineDeadError when its connection is gone (the slot is
         then dead, or for a local engine about to be)."""
         try:

@@ -35,7 +35,7 @@ class EngineView:
     incarnation: int
     host: str
     pid: int
-    state: Literal["ready", "dead"]
+    state: Literal["ready", "draining", "dead"]
     in_flight: int
     """This API server's requests on it."""
     stats: SchedulerStats
@@ -57,6 +57,8 @@ class Slot:
     calls: set[int] = field(default_factory=set)
     dead_reason: str | None = None
     disconnected_at: float | None = None
+    draining_deadline_s: float | None = None
+    """Set when the engine said `EngineDraining`: it takes no new request, finishes its own."""
 
     @property
     def rank(self) -> int:
@@ -66,6 +68,15 @@ class Slot:
     def alive(self) -> bool:
         return self.dead_reason is None
 
+    @property
+    def draining(self) -> bool:
+        return self.draining_deadline_s is not None
+
+    @property
+    def ready(self) -> bool:
+        """Alive and taking new requests."""
+        return self.alive and not self.draining
+
     def load(self) -> EngineLoad:
         return EngineLoad(
             rank=self.rank,
@@ -73,6 +84,7 @@ class Slot:
             running=self.stats.num_running,
             sent_since_stats=self.sent_since_stats,
             kv_cache_usage=self.stats.kv_cache_usage,
+            draining=self.draining,
         )
 
     def view(self) -> EngineView:
@@ -81,7 +93,7 @@ class Slot:
             incarnation=self.facts.incarnation,
             host=self.facts.host,
             pid=self.facts.pid,
-            state="ready" if self.alive else "dead",
+            state="dead" if not self.alive else "draining" if self.draining else "ready",
             in_flight=len(self.requests),
             stats=self.stats,
             dead_reason=self.dead_reason,

@@ -4,6 +4,10 @@ Each engine gets an `EngineCoreConfig` as `--config-json`, runs in its own proce
 terminal Ctrl-C reaches only the spawning process, which then stops the engines in order) and
 registers with the coordinator at `coordinator_address`; the engine's parent-death check
 covers a spawner that dies abruptly.
+
+With a `drain_timeout_s` (the headless shape: --shutdown-timeout) the engines drain on SIGTERM
+(`kubellm.engine.core`): `terminate` sends it once, and `stop` waits that long plus
+`STOP_MARGIN_S` before SIGKILL; a second `terminate` ends their drains at once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from kubellm.protocol.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 _MAX_RANK = 2**16 - 1
+STOP_TIMEOUT_S = 5.0
+"""How long `stop` waits for engines that do not drain before SIGKILL."""
+STOP_MARGIN_S = 5.0
+"""How long past their drain timeout `stop` waits for draining engines before SIGKILL."""
 
 
 def console_script(name: str, module: str) -> list[str]:
@@ -52,6 +60,7 @@ class LocalEngines:
         ranks: Sequence[int],
         *,
         monitor_address: str | None = None,
+        drain_timeout_s: float = 0.0,
     ):
         self.ranks = tuple(ranks)
         if len(set(self.ranks)) != len(self.ranks):
@@ -62,8 +71,11 @@ class LocalEngines:
         self._settings = settings
         self._coordinator_address = coordinator_address
         self._monitor_address = monitor_address
+        self.drain_timeout_s = drain_timeout_s
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._stopped = False
+        self._terminated_at: float | None = None
+        """time.monotonic() of the first `terminate`."""
 
     def config(self, rank: int) -> EngineCoreConfig:
         """The `--config-json` of the engine of `rank`."""
@@ -78,6 +90,7 @@ class LocalEngines:
             registration_timeout_s=parallel.registration_timeout_s,
             curve_dir=parallel.zmq_curve_dir,
             monitor_address=self._monitor_address,
+            drain_timeout_s=self.drain_timeout_s,
         )
 
     def start(self) -> None:
@@ -114,16 +127,44 @@ class LocalEngines:
         codes = {rank: proc.poll() for rank, proc in list(self._procs.items())}
         return {rank: code for rank, code in codes.items() if code is not None}
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM every engine's process group, wait up to `timeout` seconds in all, SIGKILL
-        what is left (including what an engine that died by itself left behind), and log the
-        exit codes. Safe to call more than once."""
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long the engines get after their SIGTERM before SIGKILL."""
+        if self.drain_timeout_s > 0:
+            return self.drain_timeout_s + STOP_MARGIN_S
+        return STOP_TIMEOUT_S
+
+    @property
+    def stop_deadline(self) -> float | None:
+        """time.monotonic() by which `stop` kills what is left; None before `terminate`."""
+        if self._terminated_at is None:
+            return None
+        return self._terminated_at + self.stop_timeout_s
+
+    def terminate(self) -> None:
+        """SIGTERM every running engine's process group (they drain, if they were told to);
+        the first call starts the stop deadline."""
+        if self._terminated_at is None:
+            self._terminated_at = time.monotonic()
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM every engine's process group (unless `terminate` did), wait until the stop
+        deadline (`timeout` seconds from now when given), SIGKILL what is left (including what
+        an engine that died by itself left behind), and log the exit codes. Safe to call more
+        than once."""
         if self._stopped:
             return
         self._stopped = True
-        for proc in self._procs.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        if self._terminated_at is None:
+            self.terminate()
+        if timeout is None:
+            timeout = self.stop_timeout_s
+            deadline = self.stop_deadline or time.monotonic()
+        else:
+            deadline = time.monotonic() + timeout
         for rank, proc in self._procs.items():
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))

@@ -8,8 +8,10 @@ messages and the HTTP endpoint the kubelet probes (docs/design/0003-scale-out.md
 
 /health, /ping and /ready are 200 while every local engine's last status is "ready" and its
 last heartbeat is younger than --engine-heartbeat-timeout-s; otherwise 503 with an OpenAI-style
-error naming each engine that is not, with its state and detail. /metrics is Prometheus text
-from the monitor's own registry.
+error naming each engine that is not, with its state and detail. A "draining" engine (stopping
+gracefully) is healthy but not ready, and so are all engines once the host is `stopping`:
+/health and /ping stay 200 until the engines exit, /ready turns 503. /metrics is Prometheus
+text from the monitor's own registry.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class EngineMonitor:
         self.ranks = tuple(ranks)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.stopping = False
-        """Set on SIGTERM: the probes answer 503 while the engines stop."""
+        """Set on SIGTERM: /ready answers 503 while the engines drain and stop."""
         self._engines = {rank: _Engine() for rank in self.ranks}
         self._decoder = engine_to_monitor_decoder()
         self._ctx: zmq.asyncio.Context | None = None
@@ -119,15 +121,17 @@ class EngineMonitor:
         status = self._engines[rank].status
         return status.detail if status is not None else ""
 
-    def problems(self, now: float | None = None) -> list[str]:
-        """One line per local engine that is not ready and beating; empty when all are."""
+    def problems(self, now: float | None = None, *, draining_ok: bool = False) -> list[str]:
+        """One line per local engine that is not ready and beating; empty when all are.
+        With `draining_ok` (liveness), a draining engine counts as ready."""
         now = time.monotonic() if now is None else now
+        fine = ("ready", "draining") if draining_ok else ("ready",)
         out = []
         for rank, engine in self._engines.items():
             status = engine.status
             if status is None:
                 out.append(f"engine {rank}: no status yet")
-            elif status.state != "ready":
+            elif status.state not in fine:
                 out.append(f"engine {rank}: {status.state}{_detail(status.detail)}")
             elif engine.beat is None or engine.beat_at is None:
                 out.append(f"engine {rank}: ready but no heartbeat yet")
@@ -198,7 +202,13 @@ def build_monitor_app(monitor: EngineMonitor) -> FastAPI:
     app = FastAPI(title="kubellm headless engines", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = MonitorMetrics(monitor)
 
-    async def probe(_request: Request) -> Response:
+    async def health(_request: Request) -> Response:
+        problems = monitor.problems(draining_ok=True)
+        if problems:
+            return _unavailable("Engines not healthy: " + "; ".join(problems))
+        return Response(status_code=200)
+
+    async def ready(_request: Request) -> Response:
         if monitor.stopping:
             return _unavailable("The engines are shutting down.")
         problems = monitor.problems()
@@ -206,9 +216,9 @@ def build_monitor_app(monitor: EngineMonitor) -> FastAPI:
             return _unavailable("Engines not ready: " + "; ".join(problems))
         return Response(status_code=200)
 
-    for path in ("/health", "/ready"):
-        app.add_api_route(path, probe, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/ping", probe, methods=["GET", "POST"], include_in_schema=False)
+    app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/ping", health, methods=["GET", "POST"], include_in_schema=False)
+    app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
 
     async def prometheus(_request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -14,8 +14,11 @@ environment, so its own imports of prometheus_client never depend on it.
 Headless (`--headless`), `run_headless`: the local engines (ranks start..start+local-1) dial
 the head at --data-parallel-address:--data-parallel-rpc-port and report to this process's
 monitor (`kubellm.server.monitor`), which serves /health, /ping, /ready and /metrics on
---host:--port. Any engine exit ends the supervisor (1 when the engine failed); SIGTERM stops
-the engines and exits 0.
+--host:--port. Any engine exit ends the supervisor (1 when the engine failed). SIGTERM makes
+/ready 503 and is forwarded to the engines, which drain for up to --shutdown-timeout (they
+finish their requests; the API servers send them no new ones); the probes are served until
+every engine exited (SIGKILL after the timeout plus a margin), then the supervisor exits 0. A
+second SIGTERM is forwarded too and ends the drains at once.
 
 `kubellm-api-server --config-json JSON` (or `--config-json -` to read it from stdin, which the
 supervisor uses so that API keys do not show in the process list) is `api_server_main`.
@@ -404,7 +407,13 @@ async def serve_headless(settings: ServeSettings) -> int:
     try:
         monitor.bind(f"ipc://{tmpdir}/monitor")
         head = tcp_address(parallel.data_parallel_address, parallel.data_parallel_rpc_port)
-        engines = LocalEngines(settings, head, ranks, monitor_address=f"ipc://{tmpdir}/monitor")
+        engines = LocalEngines(
+            settings,
+            head,
+            ranks,
+            monitor_address=f"ipc://{tmpdir}/monitor",
+            drain_timeout_s=frontend.shutdown_timeout,
+        )
         engines.start()
         logger.info("headless: engines %s registering with the head at %s", list(ranks), head)
         return await serve_monitor(settings, monitor, engines, sock)
@@ -428,9 +437,11 @@ async def serve_monitor(
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: int) -> None:
-        logger.info("%s: stopping the engines", signal.Signals(sig).name)
+        drain = engines.drain_timeout_s
+        how = f"they drain for up to {drain:g} s" if drain > 0 and not monitor.stopping else "now"
+        logger.info("%s: stopping the engines (%s)", signal.Signals(sig).name, how)
         monitor.stopping = True
-        server.should_exit = True
+        engines.terminate()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -451,17 +462,22 @@ async def serve_monitor(
 async def watch_engines(
     server: launcher.SignalFreeServer, monitor: EngineMonitor, engines: LocalEngines
 ) -> int:
-    """Stop the server when an engine exits; the exit code the supervisor then returns."""
+    """Stop the server when an engine exits, or once they all did (or their stop deadline
+    passed) after a signal; the exit code the supervisor then returns."""
     while True:
         await asyncio.sleep(WATCH_INTERVAL_S)
         exited = engines.exited()
-        if not exited:
+        deadline = engines.stop_deadline
+        if deadline is not None:  # a signal: wait for every engine (they drain)
+            if len(exited) < len(engines.ranks) and time.monotonic() < deadline:
+                continue
+        elif not exited:
             continue
         await asyncio.sleep(WATCH_INTERVAL_S)  # let the monitor read the engine's last status
         failed = False
         for rank, code in sorted(exited.items()):
             detail = monitor.last_detail(rank)
-            log = logger.error if code != 0 else logger.warning
+            log = logger.error if code != 0 else logger.info if deadline else logger.warning
             log(
                 "engine %d exited with code %d%s; stopping",
                 rank,
