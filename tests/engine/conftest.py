@@ -1,12 +1,23 @@
-"""Shared fixtures of the engine tests: one torch thread, and tiny random checkpoints."""
+"""Shared fixtures of the engine tests: one torch thread, and tiny random checkpoints.
+
+Without CUDA, the Triton kernel tests (test_kernels.py) run the kernels on CPU tensors through
+Triton's interpreter. Triton reads TRITON_INTERPRET when it is first imported (its library
+functions are wrapped then), and transformers' model modules import triton, so it is set here,
+before any engine test module is collected.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import tiny_checkpoints as tc  # type: ignore[import-not-found, unused-ignore]
 import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

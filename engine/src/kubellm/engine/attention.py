@@ -9,13 +9,19 @@ per-step metadata (`AttentionMetadata`) is built once by the runner and shared b
 Sequences with one new token (decodes, or a one-token chunk after a prefix hit) go through one
 batched SDPA call over their contexts, gathered block by block and padded to the longest, so the
 weights are read once per step for the whole batch; longer chunks (prefills) get one causal SDPA
-call each. A Triton
-paged-attention kernel can later replace `PagedAttention.forward` behind the same metadata.
+call each.
+
+With the "triton" backend (`PagedAttention.set_backend`, chosen by the runner from
+`EngineSettings.attention_backend`), the K/V stores and the decode batch go through our Triton
+kernels (`kubellm.engine.kernels.triton_paged`), which read `DecodeBatch.block_table` and
+`seq_lens` directly instead of gathering; prefills stay on SDPA.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +49,11 @@ class DecodeBatch:
     token_idx: torch.Tensor | None
     """Their positions in the flat batch [D]; None when every token of the step is one."""
     block_table: torch.Tensor
-    """Cache blocks of each context, padded with block 0 [D, max_blocks]."""
+    """Cache blocks of each context, padded with block 0 [D, max_blocks] (int32)."""
     mask: torch.Tensor
-    """[D, 1, 1, max_blocks * block_size] bool, False past each context's end."""
+    """[D, 1, 1, max_blocks * block_size] bool, False past each context's end (torch path)."""
+    seq_lens: torch.Tensor
+    """Context length of each, including the new token [D] (int32; Triton path)."""
 
 
 @dataclass(frozen=True)
@@ -122,12 +130,12 @@ def _decode_batch(
     max_blocks = (max(lens) + block_size - 1) // block_size
     table = torch.tensor(
         [c.block_ids[:max_blocks] + [0] * (max_blocks - len(c.block_ids)) for c in chunks],
-        dtype=torch.long,
+        dtype=torch.int32,
         device=device,
     )
-    lens_t = torch.tensor(lens, dtype=torch.long, device=device)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
     mask = torch.arange(max_blocks * block_size, device=device)[None, :] < lens_t[:, None]
-    return DecodeBatch(idx, table, mask[:, None, None, :])
+    return DecodeBatch(idx, table, mask[:, None, None, :], lens_t)
 
 
 class PagedAttention(nn.Module):
@@ -140,15 +148,35 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.backend = "torch"
+        self._kernels: ModuleType | None = None
+
+    def set_backend(self, backend: str) -> None:
+        """Use the "torch" path or the Triton kernels (imported here; the caller checked CUDA)."""
+        if backend == "triton":
+            from kubellm.engine.kernels import triton_paged
+
+            self._kernels = triton_paged
+        elif backend == "torch":
+            self._kernels = None
+        else:
+            raise ValueError(f"unknown attention backend {backend!r}")
+        self.backend = backend
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hk, D] -> [T, Hq * D]."""
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+        kernels = self._kernels
+        if kernels is not None:
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
         out = torch.empty_like(q)
-        if meta.decode is not None:
+        if meta.decode is not None and kernels is not None:
+            self._decode_triton(kernels, q, meta.decode, out)
+        elif meta.decode is not None:
             self._decode(q, meta.decode, out)
         for seg in meta.prefills:
             out[seg.start : seg.end] = self._prefill(q, k, v, seg)
@@ -168,6 +196,23 @@ class PagedAttention(nn.Module):
         values = self._gather(self.v_cache, batch.block_table).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.mask)
         o = o.reshape(n, self.num_heads, self.head_dim)
+        if batch.token_idx is None:
+            out.copy_(o)
+        else:
+            out[batch.token_idx] = o
+
+    def _decode_triton(
+        self, kernels: ModuleType, q: torch.Tensor, batch: DecodeBatch, out: torch.Tensor
+    ) -> None:
+        qd = q if batch.token_idx is None else q[batch.token_idx]
+        o = kernels.paged_decode_attention(
+            qd,
+            self.k_cache,
+            self.v_cache,
+            batch.block_table,
+            batch.seq_lens,
+            1.0 / math.sqrt(self.head_dim),
+        )
         if batch.token_idx is None:
             out.copy_(o)
         else:

@@ -14,6 +14,7 @@ import torch
 
 from kubellm.engine.attention import SeqChunk, build_attention_metadata
 from kubellm.engine.config import ModelConfig
+from kubellm.engine.kernels.choice import resolve_attention_backend
 from kubellm.engine.loader import load_weights
 from kubellm.engine.models import build_model
 from kubellm.engine.sampler import Sampler
@@ -56,6 +57,9 @@ class ModelRunner:
         self.device = str(self.torch_device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
         self.block_size = settings.block_size
+        self.attention_backend = resolve_attention_backend(
+            settings.attention_backend, self.torch_device
+        )
         self.eos_token_ids = model_config.eos_token_ids
         torch.manual_seed(settings.seed)
         max_positions = settings.max_model_len or model_config.max_position_embeddings
@@ -65,12 +69,13 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.sampler = Sampler(self.torch_device, settings.seed, self.eos_token_ids)
         logger.info(
-            "model runner ready: %s on %s (%s), %d KV blocks of %d tokens, in %.2f s",
+            "model runner ready: %s on %s (%s), %d KV blocks of %d tokens, %s attention, in %.2f s",
             model_config.architecture,
             self.device,
             self.dtype,
             self.num_kv_blocks,
             self.block_size,
+            self.attention_backend,
             time.monotonic() - started,
         )
 
@@ -100,6 +105,7 @@ class ModelRunner:
             # Zeros, not empty: masked-out padding slots must hold finite values.
             attn.k_cache = torch.zeros(shape, dtype=self.torch_dtype, device=self.torch_device)
             attn.v_cache = torch.zeros(shape, dtype=self.torch_dtype, device=self.torch_device)
+            attn.set_backend(self.attention_backend)
 
     def execute(self, batch: SchedulerOutput) -> list[SampleResult]:
         """Run one step; one result per scheduled entry with sample=True, in order."""

@@ -47,6 +47,9 @@ class EngineSettings(_Settings):
     """Seed of the engine's random generator (requests with their own seed ignore it)."""
     enforce_eager: bool = False
     """Disable CUDA graphs (GPU only)."""
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Paged attention implementation: "triton" (our Triton kernels for the KV-cache writes and
+    decode attention; CUDA only), "torch" (SDPA), or "auto" (triton on CUDA when it imports)."""
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often the engine core reports that it is alive."""
     engine_backend: Literal["model", "dummy"] = "model"
