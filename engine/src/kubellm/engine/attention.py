@@ -14,7 +14,9 @@ call each.
 With the "triton" backend (`PagedAttention.set_backend`, chosen by the runner from
 `EngineSettings.attention_backend`), the K/V stores and the decode batch go through our Triton
 kernels (`kubellm.engine.kernels.triton_paged`), which read `DecodeBatch.block_table` and
-`seq_lens` directly instead of gathering; prefills stay on SDPA.
+`seq_lens` directly instead of gathering (the runner then builds no decode mask); prefills stay
+on SDPA. Decode-only steps on that path may replay CUDA graphs (`kubellm.engine.cuda_graphs`),
+which feed static, padded `AttentionMetadata` to the same code.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class DecodeBatch:
     """Their positions in the flat batch [D]; None when every token of the step is one."""
     block_table: torch.Tensor
     """Cache blocks of each context, padded with block 0 [D, max_blocks] (int32)."""
-    mask: torch.Tensor
-    """[D, 1, 1, max_blocks * block_size] bool, False past each context's end (torch path)."""
+    mask: torch.Tensor | None
+    """[D, 1, 1, max_blocks * block_size] bool, False past each context's end (torch path;
+    None when built for the Triton path, which reads `seq_lens` instead)."""
     seq_lens: torch.Tensor
     """Context length of each, including the new token [D] (int32; Triton path)."""
 
@@ -74,9 +77,12 @@ class SeqChunk:
 
 
 def build_attention_metadata(
-    chunks: list[SeqChunk], block_size: int, device: torch.device
+    chunks: list[SeqChunk], block_size: int, device: torch.device, *, decode_mask: bool = True
 ) -> AttentionMetadata:
-    """Slot mapping plus decode/prefill descriptions for a flattened batch of `chunks`."""
+    """Slot mapping plus decode/prefill descriptions for a flattened batch of `chunks`.
+
+    `decode_mask=False` skips the decode batch's torch mask (the Triton path does not read it).
+    """
     slot_mapping: list[int] = []
     decode_idx: list[int] = []
     decode_chunks: list[SeqChunk] = []
@@ -89,8 +95,7 @@ def build_attention_metadata(
                 f"{len(blocks)} KV blocks of {block_size} cannot hold "
                 f"{c.num_computed + c.num_new} tokens"
             )
-        for p in range(c.num_computed, c.num_computed + c.num_new):
-            slot_mapping.append(blocks[p // block_size] * block_size + p % block_size)
+        _extend_slots(slot_mapping, blocks, c.num_computed, c.num_computed + c.num_new, block_size)
         if c.num_new == 1:
             decode_idx.append(offset)
             decode_chunks.append(c)
@@ -101,12 +106,23 @@ def build_attention_metadata(
     if decode_chunks:
         all_decode = len(decode_idx) == offset
         idx = None if all_decode else torch.tensor(decode_idx, dtype=torch.long, device=device)
-        decode = _decode_batch(decode_chunks, idx, block_size, device)
+        decode = _decode_batch(decode_chunks, idx, block_size, device, decode_mask)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         decode=decode,
         prefills=tuple(prefills),
     )
+
+
+def _extend_slots(
+    slots: list[int], blocks: list[int], start: int, end: int, block_size: int
+) -> None:
+    """Append the flat cache slots of positions [start, end): one range per block touched."""
+    for j in range(start // block_size, (end - 1) // block_size + 1):
+        base = blocks[j] * block_size - j * block_size  # slot of position p is base + p
+        slots.extend(
+            range(base + max(start, j * block_size), base + min(end, (j + 1) * block_size))
+        )
 
 
 def _prefill_segment(
@@ -124,7 +140,11 @@ def _prefill_segment(
 
 
 def _decode_batch(
-    chunks: list[SeqChunk], idx: torch.Tensor | None, block_size: int, device: torch.device
+    chunks: list[SeqChunk],
+    idx: torch.Tensor | None,
+    block_size: int,
+    device: torch.device,
+    with_mask: bool,
 ) -> DecodeBatch:
     lens = [c.num_computed + 1 for c in chunks]
     max_blocks = (max(lens) + block_size - 1) // block_size
@@ -134,6 +154,8 @@ def _decode_batch(
         device=device,
     )
     lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    if not with_mask:
+        return DecodeBatch(idx, table, None, lens_t)
     mask = torch.arange(max_blocks * block_size, device=device)[None, :] < lens_t[:, None]
     return DecodeBatch(idx, table, mask[:, None, None, :], lens_t)
 
@@ -188,6 +210,8 @@ class PagedAttention(nn.Module):
         return blocks.view(*table.shape[:-1], -1, self.num_kv_heads, self.head_dim)
 
     def _decode(self, q: torch.Tensor, batch: DecodeBatch, out: torch.Tensor) -> None:
+        if batch.mask is None:
+            raise ValueError("the torch decode path needs DecodeBatch.mask (built without it)")
         qd = q if batch.token_idx is None else q[batch.token_idx]
         n = qd.shape[0]
         # GQA packing: the query heads sharing a KV head become that head's "query rows".

@@ -3,6 +3,10 @@
 `execute(SchedulerOutput)` flattens the scheduled chunks into one batch, runs the model once,
 computes logits only for the rows that sample, and returns one `SampleResult` per entry with
 `sample=True`, in order. It reads `Sequence` state and never changes it: the scheduler owns it.
+
+On CUDA with the Triton attention backend (and `enforce_eager` off), decode-only steps replay
+CUDA graphs captured per batch-size bucket (`kubellm.engine.cuda_graphs`); mixed and prefill
+steps, and every step on the CPU, run the model eagerly.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 from kubellm.engine.attention import SeqChunk, build_attention_metadata
 from kubellm.engine.config import ModelConfig
+from kubellm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from kubellm.engine.kernels.choice import resolve_attention_backend
 from kubellm.engine.loader import load_weights
 from kubellm.engine.models import build_model
@@ -67,15 +72,18 @@ class ModelRunner:
         load_weights(self.model, model_config.model_dir)
         self.num_kv_blocks = settings.num_kv_blocks or self._derive_num_blocks(settings)
         self._allocate_kv_cache()
+        self.decode_graphs = self._capture_graphs(settings, max_positions)
         self.sampler = Sampler(self.torch_device, settings.seed, self.eos_token_ids)
         logger.info(
-            "model runner ready: %s on %s (%s), %d KV blocks of %d tokens, %s attention, in %.2f s",
+            "model runner ready: %s on %s (%s), %d KV blocks of %d tokens, %s attention, "
+            "decode CUDA graphs %s, in %.2f s",
             model_config.architecture,
             self.device,
             self.dtype,
             self.num_kv_blocks,
             self.block_size,
             self.attention_backend,
+            "on" if self.decode_graphs is not None else "off",
             time.monotonic() - started,
         )
 
@@ -107,6 +115,17 @@ class ModelRunner:
             attn.v_cache = torch.zeros(shape, dtype=self.torch_dtype, device=self.torch_device)
             attn.set_backend(self.attention_backend)
 
+    def _capture_graphs(self, settings: EngineSettings, max_positions: int) -> DecodeGraphs | None:
+        """Decode CUDA graphs on CUDA with the Triton backend unless `enforce_eager`; else None."""
+        if self.torch_device.type != "cuda" or self.attention_backend != "triton":
+            return None
+        if settings.enforce_eager:
+            logger.info("enforce_eager is set: decode steps run without CUDA graphs")
+            return None
+        return capture_decode_graphs(
+            self.model, settings.max_num_seqs, max_positions, self.block_size, self.torch_device
+        )
+
     def execute(self, batch: SchedulerOutput) -> list[SampleResult]:
         """Run one step; one result per scheduled entry with sample=True, in order."""
         if not batch.scheduled:
@@ -129,15 +148,29 @@ class ModelRunner:
             chunks.append(SeqChunk(start, entry.num_new_tokens, seq.block_ids))
             if entry.sample:
                 sample_rows.append(len(input_ids) - 1)
-        dev = self.torch_device
-        meta = build_attention_metadata(chunks, self.block_size, dev)
         with torch.inference_mode():
-            ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-            hidden = self.model(ids_t, pos_t, meta)
+            hidden = None
+            if self.decode_graphs is not None and len(input_ids) == len(chunks):
+                block_ids = [c.block_ids for c in chunks]
+                hidden = self.decode_graphs.run(input_ids, positions, block_ids)
+            if hidden is None:
+                hidden = self._forward_eager(input_ids, positions, chunks)
             if not sample_rows:
                 return []
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-            logits = self.model.compute_logits(hidden[rows])
+            if len(sample_rows) < len(input_ids):
+                rows = torch.tensor(sample_rows, dtype=torch.long, device=self.torch_device)
+                hidden = hidden[rows]
+            logits = self.model.compute_logits(hidden)
             seqs = [e.seq for e in batch.scheduled if e.sample]
             return self.sampler(logits, seqs)
+
+    def _forward_eager(
+        self, input_ids: list[int], positions: list[int], chunks: list[SeqChunk]
+    ) -> torch.Tensor:
+        dev = self.torch_device
+        meta = build_attention_metadata(
+            chunks, self.block_size, dev, decode_mask=self.attention_backend == "torch"
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        return self.model(ids_t, pos_t, meta)
