@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -25,8 +26,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -100,11 +102,17 @@ def api_server_processes(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
     procs = [top]
     for child in top.children(recursive=True):
         try:
-            if "kubellm-engine" not in " ".join(child.cmdline()):
+            if not is_engine_process(child):
                 procs.append(child)
         except psutil.NoSuchProcess:
             continue
     return procs
+
+
+def is_engine_process(proc: psutil.Process) -> bool:
+    """An engine core: the `kubellm-engine` script or `python -m kubellm.engine.cli`."""
+    command = " ".join(proc.cmdline())
+    return "kubellm-engine" in command or "kubellm.engine.cli" in command
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -123,24 +131,9 @@ async def one_stream(client: httpx.AsyncClient, model: str, max_tokens: int) -> 
     body = {"model": model, "prompt": "Tell me about rivers.", "max_tokens": max_tokens,
             "stream": True, "temperature": 0,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    started = time.perf_counter()
-    ttft = 0.0
-    tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            return Result(0, 0.0, False)
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return Result(tokens, ttft, False)
-            if ttft == 0.0 and chunk.get("choices") and chunk["choices"][0].get("text"):
-                ttft = time.perf_counter() - started
-            if chunk.get("usage"):
-                tokens = int(chunk["usage"]["completion_tokens"])
-    return Result(tokens, ttft, True)
+    trace = await stream_completion(client, body)
+    ttft = trace.chunk_times[0] - trace.sent if trace.chunk_times else 0.0
+    return Result(trace.completion_tokens, ttft, trace.ok)
 
 
 async def drive(
@@ -184,6 +177,100 @@ def drive_processes(args: argparse.Namespace, url: str, model: str) -> list[Resu
             for i in range(k)
         ]
         return [Result(*r) for f in futures for r in f.result()]
+
+
+@dataclass
+class StreamTrace:
+    """One streaming completion as the client saw it; times are time.monotonic() (one clock
+    for every process of the host, so traces from several client processes compare)."""
+
+    ok: bool
+    sent: float
+    chunk_times: list[float]
+    """When each chunk with non-empty text arrived."""
+    completion_tokens: int
+    prompt_tokens: int
+    error: str = ""
+    done: float = 0.0
+    """When the stream ended (0.0 when it failed)."""
+
+
+async def stream_completion(client: httpx.AsyncClient, body: dict[str, Any]) -> StreamTrace:
+    """POST one streaming completion (`body` must ask for `stream_options.include_usage`) and
+    record when each content chunk arrived and the final usage."""
+    trace = StreamTrace(False, time.monotonic(), [], 0, 0)
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            trace.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            return trace
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                trace.error = str(chunk["error"])[:200]
+                return trace
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                trace.chunk_times.append(time.monotonic())
+            if chunk.get("usage"):
+                trace.completion_tokens = int(chunk["usage"]["completion_tokens"])
+                trace.prompt_tokens = int(chunk["usage"]["prompt_tokens"])
+    trace.ok, trace.done = True, time.monotonic()
+    return trace
+
+
+async def drive_bodies(
+    url: str, bodies: list[dict[str, Any]], concurrency: int, timeout: float = 600.0
+) -> list[StreamTrace]:
+    """Stream every body with at most `concurrency` requests in flight; traces in body order."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def one(body: dict[str, Any]) -> StreamTrace:
+            async with gate:
+                try:
+                    return await stream_completion(client, body)
+                except httpx.HTTPError as exc:
+                    return StreamTrace(False, time.monotonic(), [], 0, 0, repr(exc))
+
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+def drive_bodies_in_process(url: str, bodies_json: str, concurrency: int, start_at: float) -> str:
+    """One load-generator process: waits until time.monotonic() reaches `start_at` (so that
+    every process starts together), streams the bodies, and returns the traces as JSON
+    (plain strings in and out of the process pool)."""
+    bodies = json.loads(bodies_json)
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    traces = asyncio.run(drive_bodies(url, bodies, concurrency))
+    return json.dumps([asdict(t) for t in traces])
+
+
+def drive_bodies_in_processes(
+    url: str,
+    bodies: list[dict[str, Any]],
+    processes: int,
+    concurrency: int | None = None,
+    start_delay_s: float = 2.0,
+) -> list[StreamTrace]:
+    """Stream the bodies from `processes` load generators (dealt round-robin), with
+    `concurrency` requests in flight in all (None: every body at once); traces in body order."""
+    k = max(1, min(processes, len(bodies)))
+    per_process = -(-(concurrency or len(bodies)) // k)
+    shares = [bodies[i::k] for i in range(k)]
+    start_at = time.monotonic() + start_delay_s
+    # spawn: the caller may hold threads and a CUDA context, which fork does not copy safely
+    with ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(drive_bodies_in_process, url, json.dumps(s), per_process, start_at)
+            for s in shares
+        ]
+        results = [[StreamTrace(**t) for t in json.loads(f.result())] for f in futures]
+    traces = [StreamTrace(False, 0.0, [], 0, 0, "not run") for _ in bodies]
+    for i, share in enumerate(results):
+        traces[i::k] = share
+    return traces
 
 
 def served_model(url: str) -> str:

@@ -194,6 +194,14 @@ class Emitter:
 # ---- arguments ------------------------------------------------------------------------------
 
 
+VARIANT_MODES: dict[str, tuple[str, Any]] = {
+    "eager": ("enforce_eager", True),
+    "sync": ("async_scheduling", False),
+    "unfused": ("fused_kernels", False),
+}
+"""Variant modifiers after the backend ("triton:eager:sync") and the setting each changes."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -203,7 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         default=None,
         help="engine variants in order: attention backend (auto, torch, triton), optionally "
-        "with ':eager' to disable CUDA graphs, e.g. 'triton,triton:eager,torch'; default: "
+        "with modifiers ':eager' (no CUDA graphs), ':sync' (no async scheduling) and "
+        "':unfused' (no fused Triton norm/RoPE/SiLU kernels), e.g. "
+        "'triton,triton:sync,triton:unfused:sync,torch'; default: "
         "'triton,torch' on CUDA (the faster first: what it leaves of its share goes to the "
         "next), 'torch' on CPU",
     )
@@ -229,8 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.variants:
         parser.error("--variants: name at least one variant")
     for variant in args.variants:
-        backend, _, mode = variant.partition(":")
-        if backend not in ("auto", "torch", "triton") or mode not in ("", "eager"):
+        backend, *modes = variant.split(":")
+        if backend not in ("auto", "torch", "triton") or not set(modes) <= set(VARIANT_MODES):
             parser.error(f"--variants: unknown variant {variant!r}")
     if args.time_budget_s <= 0 or args.max_num_seqs < 1:
         parser.error("--time-budget-s and --max-num-seqs must be positive")
@@ -377,7 +387,7 @@ def engine_settings(args: argparse.Namespace, plan: Plan, variant: str) -> dict[
     """EngineSettings for a variant; `attention_backend` only when the field exists."""
     from kubellm.protocol.settings import EngineSettings
 
-    backend, _, mode = variant.partition(":")
+    backend, *modes = variant.split(":")
     max_len = plan.prompt_len[1] + max(plan.output_len, plan.latency_tokens)
     max_len = max(max_len, plan.ttft_prompt + 1, plan.latency_prompt + plan.latency_tokens)
     max_len = max(max_len, plan.prompt_len[1] + 2 * plan.profile_steps + 8)  # decode_profile
@@ -389,9 +399,14 @@ def engine_settings(args: argparse.Namespace, plan: Plan, variant: str) -> dict[
         "max_model_len": max_len,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "kv_cache_memory_gib": plan.kv_cache_memory_gib,
-        "enforce_eager": mode == "eager",
+        "enforce_eager": "eager" in modes,
         "seed": args.seed,
     }
+    for mode, (field_name, value) in VARIANT_MODES.items():
+        if mode in modes:
+            if field_name not in EngineSettings.model_fields:
+                raise LookupError(f"EngineSettings has no {field_name} field")
+            settings[field_name] = value
     if "attention_backend" in EngineSettings.model_fields:
         settings["attention_backend"] = backend
     elif backend != "torch":

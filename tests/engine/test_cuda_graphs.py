@@ -27,7 +27,7 @@ from kubellm.engine.cuda_graphs import (
     pick_bucket,
 )
 from kubellm.engine.llm import LLM
-from kubellm.engine.model_runner import ModelRunner
+from kubellm.engine.model_runner import ModelRunner, _FlatInputs
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
@@ -172,23 +172,33 @@ def test_slot_mapping_matches_the_per_token_formula() -> None:
     assert meta.slot_mapping.tolist() == _naive_slots(chunks)
 
 
-def test_decode_mask_is_skipped_for_triton_only() -> None:
-    chunks = [SeqChunk(5, 1, [3]), SeqChunk(20, 1, [4, 9]), SeqChunk(0, 3, [1])]
+def test_triton_metadata_has_no_mask_and_one_varlen_batch_for_mixed_steps() -> None:
+    decodes = [SeqChunk(5, 1, [3]), SeqChunk(20, 1, [4, 9])]
+    mixed = [*decodes, SeqChunk(0, 3, [1])]
     cpu = torch.device("cpu")
-    with_mask = build_attention_metadata(chunks, BS, cpu)
-    without = build_attention_metadata(chunks, BS, cpu, decode_mask=False)
+    with_mask = build_attention_metadata(decodes, BS, cpu)
+    without = build_attention_metadata(decodes, BS, cpu, backend="triton")
     assert with_mask.decode is not None and without.decode is not None
     assert with_mask.decode.mask is not None and without.decode.mask is None
     assert torch.equal(with_mask.slot_mapping, without.slot_mapping)
     assert torch.equal(with_mask.decode.block_table, without.decode.block_table)
     assert torch.equal(with_mask.decode.seq_lens, without.decode.seq_lens)
+    assert without.varlen is None and not without.prefills
     attn = PagedAttention(2, 1, 8)
     attn.k_cache = torch.zeros(16, BS, 1, 8)
     attn.v_cache = torch.zeros(16, BS, 1, 8)
-    q, kv = torch.randn(5, 2, 8), torch.randn(5, 1, 8)
+    q, kv = torch.randn(2, 2, 8), torch.randn(2, 1, 8)
     attn(q, kv, kv, with_mask)
     with pytest.raises(ValueError, match=r"needs DecodeBatch\.mask"):
         attn(q, kv, kv, without)
+    # A step with a prefill chunk: every chunk, one-token ones included, in one varlen batch.
+    meta = build_attention_metadata(mixed, BS, cpu, backend="triton")
+    assert meta.decode is None and not meta.prefills and meta.varlen is not None
+    assert meta.varlen.cu_query_lens.tolist() == [0, 1, 2, 5]
+    assert meta.varlen.context_lens.tolist() == [6, 21, 3]
+    assert meta.varlen.block_table.tolist() == [[3, 0], [4, 9], [1, 0]]
+    assert meta.varlen.max_query_len == 3
+    assert meta.varlen.block_table.dtype == torch.int32
 
 
 def test_cpu_runner_builds_no_graphs(tiny_dirs: dict[str, Path]) -> None:
@@ -244,7 +254,7 @@ def test_static_buffer_steps_match_eager_on_cpu(tiny_dirs: dict[str, Path]) -> N
 # ---- on a GPU -------------------------------------------------------------------------------
 
 
-def _cuda_llm(model_dir: Path, eager: bool) -> LLM:
+def _cuda_llm(model_dir: Path, eager: bool, async_scheduling: bool = True) -> LLM:
 
     llm = LLM(
         str(model_dir),
@@ -252,6 +262,7 @@ def _cuda_llm(model_dir: Path, eager: bool) -> LLM:
         dtype="float32",
         attention_backend="triton",
         enforce_eager=eager,
+        async_scheduling=async_scheduling,
         max_num_seqs=6,  # buckets 1, 2, 4, 6
         num_kv_blocks=128,
         block_size=BS,
@@ -290,6 +301,29 @@ def test_greedy_generation_with_graphs_matches_eager(tiny_dirs: dict[str, Path])
 
 
 @needs_cuda
+def test_async_scheduling_on_cuda_gives_the_tokens_of_sync_steps(
+    tiny_dirs: dict[str, Path],
+) -> None:
+    """Graph steps launched ahead read their input tokens from the previous step's samples on
+    the GPU; greedy and seeded sampling give what synchronous steps give."""
+    from kubellm.protocol.messages import SamplingParams
+
+    prompts = [tc.random_prompt(n, seed=i) for i, n in enumerate([5, 30, 17, 2])]
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (20, 9, 33, 14)
+    ]
+    params[1] = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
+    out = {}
+    for async_on in (False, True):
+        llm = _cuda_llm(tiny_dirs["qwen3"], eager=False, async_scheduling=async_on)
+        out[async_on] = [r.token_ids for r in llm.generate(prompts, params)]
+        assert (llm.engine.num_ahead_steps > 0) == async_on
+        assert _runner(llm).decode_graphs is not None
+    assert out[True] == out[False]
+    assert [len(t) for t in out[True]] == [20, 12, 33, 14]
+
+
+@needs_cuda
 def test_replay_follows_new_kv_cache_contents(tiny_dirs: dict[str, Path]) -> None:
     """The graph reads the KV cache at replay time: rewrite it and replay again."""
     runner = _runner(_cuda_llm(tiny_dirs["qwen3"], eager=False))
@@ -306,5 +340,5 @@ def test_replay_follows_new_kv_cache_contents(tiny_dirs: dict[str, Path]) -> Non
             out = graphs.run(ids, positions, blocks)
             assert out is not None
             replayed = out.clone()
-            eager = runner._forward_eager(ids, positions, chunks)
+            eager = runner._forward_eager(_FlatInputs(ids, positions, chunks), None)
         torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)

@@ -14,12 +14,12 @@ Error bounds asserted (kernel vs float32 reference on the same inputs):
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import ModuleType
 
 import paged_inputs as pi  # type: ignore[import-not-found, unused-ignore]
 import pytest
 import torch
+from kernel_modules import triton_module  # type: ignore[import-not-found, unused-ignore]
 
 from kubellm.engine.attention import PagedAttention, SeqChunk, build_attention_metadata
 from kubellm.engine.config import ModelConfig
@@ -41,17 +41,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 @pytest.fixture(scope="module")
 def kernels() -> ModuleType:
     """The Triton kernel module, interpreted on CPU (fails loudly if that cannot work)."""
-    if DEVICE.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.fail("TRITON_INTERPRET=1 must be set before triton is imported (conftest.py)")
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(tl.zeros, InterpretedFunction):
-            pytest.fail("triton was imported before TRITON_INTERPRET=1 was set")
-    from kubellm.engine.kernels import triton_paged
-
-    return triton_paged
+    return triton_module("triton_paged")
 
 
 def _check_decode(
@@ -114,7 +104,8 @@ def test_decode_edge_lengths(kernels: ModuleType, lens: list[int]) -> None:
 @needs_triton
 def test_decode_default_partition_single_and_split(kernels: ModuleType) -> None:
     """The automatic partition size, with one partition (no reduce) and with several."""
-    assert kernels.choose_partition_size(256, 8, 2048) == 512
+    assert kernels.choose_partition_size(256, 8, 2048) == 2048
+    assert kernels.choose_partition_size(64, 8, 2048) == 1024
     assert kernels.choose_partition_size(1, 8, 2048) == 64
     _check_decode(kernels, [5, 40], (4, 2), 64, 16, torch.float32, None)
     _check_decode(kernels, [130], (4, 2), 64, 16, torch.float32, None)
@@ -215,7 +206,7 @@ def _run_layer(
     q = torch.randn(total, attn.num_heads, d, generator=gen, device=DEVICE)
     k = torch.randn(total, hk, d, generator=gen, device=DEVICE)
     v = torch.randn(total, hk, d, generator=gen, device=DEVICE)
-    meta = build_attention_metadata(chunks, bs, DEVICE)
+    meta = build_attention_metadata(chunks, bs, DEVICE, backend=attn.backend)
     return attn(q, k, v, meta), q
 
 

@@ -181,7 +181,7 @@ def _forward_logits(
     )
     with torch.inference_mode():
         hidden = model(ids, torch.arange(ids.numel()), meta)
-        return model.compute_logits(hidden)
+        return model.compute_logits(hidden).float()
 
 
 def _load(path: Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:

@@ -44,6 +44,22 @@ def test_greedy_is_argmax() -> None:
     assert all(r.logprobs is None for r in out)
 
 
+def test_greedy_on_bfloat16_logits_takes_the_float32_argmax() -> None:
+    """Plain greedy rows skip the float32 copy; ties resolve to the same (first) index, and a
+    row that still needs its EOS masked (min_tokens) goes through the full path."""
+    logits = _logits(3, seed=7).bfloat16()
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie
+    logits[2, EOS] = logits[2].max() + 1
+    greedy = SamplingParams(max_tokens=5, temperature=0.0)
+    seqs = [_seq(greedy), _seq(greedy), _seq(greedy)]
+    fast = [r.token_id for r in _sampler()(logits, seqs)]
+    assert fast == logits.float().argmax(-1).tolist()
+    assert fast[1] == 10 and fast[2] == EOS
+    seqs[2] = _seq(SamplingParams(max_tokens=5, temperature=0.0, min_tokens=2))
+    masked = [r.token_id for r in _sampler()(logits, seqs)]
+    assert masked[:2] == fast[:2] and masked[2] != EOS
+
+
 def test_top_k_one_equals_greedy() -> None:
     logits = _logits(6, seed=3)
     seqs = [_seq(SamplingParams(max_tokens=5, temperature=1.5, top_k=1)) for _ in range(6)]

@@ -12,11 +12,14 @@ weights are read once per step for the whole batch; longer chunks (prefills) get
 call each.
 
 With the "triton" backend (`PagedAttention.set_backend`, chosen by the runner from
-`EngineSettings.attention_backend`), the K/V stores and the decode batch go through our Triton
-kernels (`kubellm.engine.kernels.triton_paged`), which read `DecodeBatch.block_table` and
-`seq_lens` directly instead of gathering (the runner then builds no decode mask); prefills stay
-on SDPA. Decode-only steps on that path may replay CUDA graphs (`kubellm.engine.cuda_graphs`),
-which feed static, padded `AttentionMetadata` to the same code.
+`EngineSettings.attention_backend`), the K/V stores and attention go through our Triton kernels,
+which read block tables straight from the cache instead of gathering: a decode-only step uses
+the split-K decode kernel (`kernels.triton_paged`, `DecodeBatch` without a mask); any step with
+a prefill chunk runs ONE varlen prefill kernel over all of its chunks, one-token chunks
+included (`kernels.triton_prefill`, `VarlenBatch`). Decode-only steps on that path may replay
+CUDA graphs (`kubellm.engine.cuda_graphs`), which feed static, padded `AttentionMetadata` to the
+same code. The model's fused path stores K/V itself (in the q/k-norm + RoPE kernel) and calls
+`PagedAttention.attend`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kubellm.engine.transfer import device_tensor
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,27 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
+class VarlenBatch:
+    """Every chunk of a step, back to back, for the Triton varlen prefill kernel."""
+
+    cu_query_lens: torch.Tensor
+    """int32 [S + 1]: chunk s owns flat rows [cu[s], cu[s + 1])."""
+    context_lens: torch.Tensor
+    """int32 [S]: context length of each chunk, its new tokens included."""
+    block_table: torch.Tensor
+    """int32 [S, max_blocks]: cache blocks of each context (padding past its end)."""
+    max_query_len: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor
     """Where to store each new token's K/V [T] (long)."""
     decode: DecodeBatch | None
     prefills: tuple[PrefillSegment, ...]
+    varlen: VarlenBatch | None = None
+    """Triton path, steps with a prefill chunk: all chunks at once (then decode is None and
+    prefills is empty)."""
 
 
 @dataclass(frozen=True)
@@ -77,40 +98,67 @@ class SeqChunk:
 
 
 def build_attention_metadata(
-    chunks: list[SeqChunk], block_size: int, device: torch.device, *, decode_mask: bool = True
+    chunks: list[SeqChunk], block_size: int, device: torch.device, *, backend: str = "torch"
 ) -> AttentionMetadata:
-    """Slot mapping plus decode/prefill descriptions for a flattened batch of `chunks`.
+    """Slot mapping plus the attention description of a flattened batch of `chunks`.
 
-    `decode_mask=False` skips the decode batch's torch mask (the Triton path does not read it).
+    "torch": a masked decode batch plus one `PrefillSegment` per longer chunk. "triton": a
+    decode-only step gets a `DecodeBatch` without mask; a step with any longer chunk gets one
+    `VarlenBatch` covering every chunk.
     """
     slot_mapping: list[int] = []
+    for c in chunks:
+        if len(c.block_ids) * block_size < c.num_computed + c.num_new:
+            raise ValueError(
+                f"{len(c.block_ids)} KV blocks of {block_size} cannot hold "
+                f"{c.num_computed + c.num_new} tokens"
+            )
+        _extend_slots(
+            slot_mapping, c.block_ids, c.num_computed, c.num_computed + c.num_new, block_size
+        )
+    slots = device_tensor(slot_mapping, torch.long, device)
+    if backend == "triton":
+        if all(c.num_new == 1 for c in chunks):
+            only = _decode_batch(chunks, None, block_size, device, with_mask=False)
+            return AttentionMetadata(slots, only, ())
+        return AttentionMetadata(slots, None, (), _varlen_batch(chunks, block_size, device))
     decode_idx: list[int] = []
     decode_chunks: list[SeqChunk] = []
     prefills: list[PrefillSegment] = []
     offset = 0
     for c in chunks:
-        blocks = c.block_ids
-        if len(blocks) * block_size < c.num_computed + c.num_new:
-            raise ValueError(
-                f"{len(blocks)} KV blocks of {block_size} cannot hold "
-                f"{c.num_computed + c.num_new} tokens"
-            )
-        _extend_slots(slot_mapping, blocks, c.num_computed, c.num_computed + c.num_new, block_size)
         if c.num_new == 1:
             decode_idx.append(offset)
             decode_chunks.append(c)
         else:
             prefills.append(_prefill_segment(c, offset, block_size, device))
         offset += c.num_new
-    decode = None
+    decode: DecodeBatch | None = None
     if decode_chunks:
         all_decode = len(decode_idx) == offset
-        idx = None if all_decode else torch.tensor(decode_idx, dtype=torch.long, device=device)
-        decode = _decode_batch(decode_chunks, idx, block_size, device, decode_mask)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        decode=decode,
-        prefills=tuple(prefills),
+        idx = None if all_decode else device_tensor(decode_idx, torch.long, device)
+        decode = _decode_batch(decode_chunks, idx, block_size, device, with_mask=True)
+    return AttentionMetadata(slot_mapping=slots, decode=decode, prefills=tuple(prefills))
+
+
+def _padded_table(chunks: list[SeqChunk], max_blocks: int) -> list[list[int]]:
+    return [
+        c.block_ids[:max_blocks] + [0] * (max_blocks - min(len(c.block_ids), max_blocks))
+        for c in chunks
+    ]
+
+
+def _varlen_batch(chunks: list[SeqChunk], block_size: int, device: torch.device) -> VarlenBatch:
+    lens = [c.num_computed + c.num_new for c in chunks]
+    max_blocks = (max(lens) + block_size - 1) // block_size
+    cu = [0]
+    for c in chunks:
+        cu.append(cu[-1] + c.num_new)
+    return VarlenBatch(
+        cu_query_lens=device_tensor(cu, torch.int32, device),
+        context_lens=device_tensor(lens, torch.int32, device),
+        block_table=device_tensor(_padded_table(chunks, max_blocks), torch.int32, device),
+        max_query_len=max(c.num_new for c in chunks),
     )
 
 
@@ -133,7 +181,7 @@ def _prefill_segment(
         return PrefillSegment(offset, end, None, None)
     context = c.num_computed + c.num_new
     num_blocks = (context + block_size - 1) // block_size
-    table = torch.tensor(c.block_ids[:num_blocks], dtype=torch.long, device=device)
+    table = device_tensor(c.block_ids[:num_blocks], torch.long, device)
     q_pos = torch.arange(c.num_computed, context, device=device)
     mask = torch.arange(num_blocks * block_size, device=device)[None, :] <= q_pos[:, None]
     return PrefillSegment(offset, end, table, mask)
@@ -148,12 +196,8 @@ def _decode_batch(
 ) -> DecodeBatch:
     lens = [c.num_computed + 1 for c in chunks]
     max_blocks = (max(lens) + block_size - 1) // block_size
-    table = torch.tensor(
-        [c.block_ids[:max_blocks] + [0] * (max_blocks - len(c.block_ids)) for c in chunks],
-        dtype=torch.int32,
-        device=device,
-    )
-    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    table = device_tensor(_padded_table(chunks, max_blocks), torch.int32, device)
+    lens_t = device_tensor(lens, torch.int32, device)
     if not with_mask:
         return DecodeBatch(idx, table, None, lens_t)
     mask = torch.arange(max_blocks * block_size, device=device)[None, :] < lens_t[:, None]
@@ -172,15 +216,18 @@ class PagedAttention(nn.Module):
         self.v_cache = torch.empty(0)
         self.backend = "torch"
         self._kernels: ModuleType | None = None
+        self._prefill_kernels: ModuleType | None = None
 
     def set_backend(self, backend: str) -> None:
         """Use the "torch" path or the Triton kernels (imported here; the caller checked CUDA)."""
         if backend == "triton":
-            from kubellm.engine.kernels import triton_paged
+            from kubellm.engine.kernels import triton_paged, triton_prefill
 
             self._kernels = triton_paged
+            self._prefill_kernels = triton_prefill
         elif backend == "torch":
             self._kernels = None
+            self._prefill_kernels = None
         else:
             raise ValueError(f"unknown attention backend {backend!r}")
         self.backend = backend
@@ -192,16 +239,52 @@ class PagedAttention(nn.Module):
         kernels = self._kernels
         if kernels is not None:
             kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        else:
-            self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
-            self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+            return self.attend(q, meta)
+        self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
         out = torch.empty_like(q)
-        if meta.decode is not None and kernels is not None:
-            self._decode_triton(kernels, q, meta.decode, out)
-        elif meta.decode is not None:
+        if meta.decode is not None:
             self._decode(q, meta.decode, out)
         for seg in meta.prefills:
             out[seg.start : seg.end] = self._prefill(q, k, v, seg)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Triton path, with this step's K/V already in the cache: q [T, Hq, D] -> [T, Hq * D]."""
+        kernels, prefill = self._kernels, self._prefill_kernels
+        if kernels is None or prefill is None:
+            raise ValueError("attend() needs the triton backend (set_backend('triton'))")
+        if meta.prefills:
+            raise ValueError(
+                "prefill segments are the torch path's; build the metadata with backend='triton'"
+            )
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if meta.varlen is not None:
+            vb = meta.varlen
+            out = prefill.paged_prefill_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                vb.cu_query_lens,
+                vb.context_lens,
+                vb.block_table,
+                vb.max_query_len,
+                scale,
+            )
+        elif meta.decode is not None and meta.decode.token_idx is None:
+            out = kernels.paged_decode_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.decode.block_table,
+                meta.decode.seq_lens,
+                scale,
+            )
+        elif meta.decode is not None:
+            out = torch.empty_like(q)
+            self._decode_triton(kernels, q, meta.decode, out)
+        else:
+            raise ValueError("the attention metadata describes no tokens")
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 
     def _gather(self, cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

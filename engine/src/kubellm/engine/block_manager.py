@@ -218,7 +218,10 @@ class BlockManager:
             return
         bs = self.block_size
         first = num_computed_before // bs
-        last = min(seq.num_computed_tokens // bs, len(seq.block_ids))
+        # Only blocks whose token ids are all known: with async scheduling, num_computed_tokens
+        # may already count a step in flight whose input token is still pending.
+        computed = min(seq.num_computed_tokens, seq.num_tokens)
+        last = min(computed // bs, len(seq.block_ids))
         if last <= first:
             return
         hashes = self._block_hashes(seq, last)

@@ -36,6 +36,25 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 _WARMUP_RUNS = 2
 
 
+@dataclass(frozen=True)
+class PendingTokens:
+    """Input tokens that are still on the device: row `rows[i]` of the step's input ids is
+    `tokens[src[i]]`, a sample of the previous launch (async scheduling). rows and src None:
+    rows 0..prefix-1 take samples 0..prefix-1 (the steady state of a decode batch, one copy)."""
+
+    rows: torch.Tensor | None
+    src: torch.Tensor | None
+    tokens: torch.Tensor
+    prefix: int = 0
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        """Write the pending tokens into `input_ids` on the device, in stream order."""
+        if self.rows is None or self.src is None:
+            input_ids[: self.prefix].copy_(self.tokens[: self.prefix])
+        else:
+            input_ids[self.rows] = self.tokens[self.src]
+
+
 class DecodeModel(Protocol):
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -232,10 +251,15 @@ class DecodeGraphs:
         return self.model(b.input_ids[:bs], b.positions[:bs], b.metadata(bs))
 
     def run(
-        self, token_ids: list[int], positions: list[int], block_ids: list[list[int]]
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        block_ids: list[list[int]],
+        fix: PendingTokens | None = None,
     ) -> torch.Tensor | None:
         """Final hidden states [B, hidden] of a decode step (valid until the next replay), or
-        None when no graph fits (too many rows, or a position past the block table)."""
+        None when no graph fits (too many rows, or a position past the block table). `fix`
+        fills the rows whose input token is still on the device."""
         bucket = pick_bucket(self.sizes, len(token_ids))
         if bucket is None or max(positions) >= self.max_positions:
             return None
@@ -247,6 +271,8 @@ class DecodeGraphs:
         self.bufs.upload(bucket)
         if self._uploaded is not None:
             self._uploaded.record()
+        if fix is not None:
+            fix.apply(self.bufs.input_ids)
         self.graphs[bucket].replay()
         self.replays += 1
         return self.outputs[bucket][: len(token_ids)]

@@ -1,13 +1,15 @@
 """Building blocks of the decoder: linear, embedding, RMSNorm, RoPE, SiLU-and-mul.
 
-Plain torch for the CPU path. Each op is a small module with one `forward`, so a Triton kernel
-can replace it later without touching the model code. Parameters are allocated uninitialised
-(`torch.empty`): the loader fills every one of them and checks that it did.
+Plain torch for the CPU path. With the Triton backend the model hands each RMSNorm and
+SiluAndMul the fused kernels (`kubellm.engine.kernels.triton_fused`, `use_kernels`), which
+replace their few-kernel torch bodies with one launch each. Parameters are allocated
+uninitialised (`torch.empty`): the loader fills every one of them and checks that it did.
 """
 
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +19,19 @@ from kubellm.engine.config import Llama3RopeScaling
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), with uninitialised parameters of shape [out, in]."""
+    """y = x W^T (+ b), with uninitialised parameters of shape [out, in]. With the fused kernels,
+    inputs of at most `SKINNY_MAX_ROWS` rows (small decode batches) use `skinny_linear`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.kernels: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self.kernels
+        if kernels is not None and x.dim() == 2 and x.shape[0] <= kernels.SKINNY_MAX_ROWS:
+            return kernels.skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -48,6 +55,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.kernels: ModuleType | None = None
+        """The fused Triton kernels, when the model runs on the Triton backend."""
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -56,12 +65,16 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.dim() == 2:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         return self._norm(x)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused `residual += x; return norm(residual), residual`."""
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
         residual = x + residual
         return self._norm(residual), residual
 
@@ -69,7 +82,13 @@ class RMSNorm(nn.Module):
 class SiluAndMul(nn.Module):
     """[..., 2I] -> silu(first half) * second half (the gate_up projection's output)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: ModuleType | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.dim() == 2:
+            return self.kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -5,6 +5,12 @@ free finished sequences) → delta `RequestOutput`s. The executor is anything wi
 `execute(SchedulerOutput) -> list[SampleResult]` returning one result per scheduled entry with
 `sample=True`, in order; `from_settings()` builds the real torch `ModelRunner` lazily, so that
 this module imports no torch.
+
+Async scheduling (`EngineSettings.async_scheduling`, with an executor that has `launch`): once
+step N is launched, `step()` schedules and launches step N+1 before it waits for N's tokens
+(`Scheduler.schedule_ahead`); N+1 takes its input tokens from N's samples on the device. The
+host's bookkeeping for N (stop checks, outputs, sending them) then overlaps the device's work
+on N+1. Each `step()` call still returns the outputs of exactly one step.
 """
 
 from __future__ import annotations
@@ -31,6 +37,29 @@ logger = logging.getLogger(__name__)
 
 class Executor(Protocol):
     def execute(self, batch: SchedulerOutput) -> list[SampleResult]: ...
+
+
+class StepHandle(Protocol):
+    """A launched step; `wait()` blocks until its samples are on the host."""
+
+    def wait(self) -> list[SampleResult]: ...
+
+
+class AsyncExecutor(Executor, Protocol):
+    def launch(self, batch: SchedulerOutput) -> StepHandle:
+        """Start a step without waiting for it. An entry whose input token is pending (one
+        past the sequence's known tokens) takes the token the previous launch sampled."""
+        ...
+
+
+class _Done:
+    """A step that already ran (executors without `launch`)."""
+
+    def __init__(self, results: list[SampleResult]) -> None:
+        self.results = results
+
+    def wait(self) -> list[SampleResult]:
+        return self.results
 
 
 class LLMEngine:
@@ -76,6 +105,11 @@ class LLMEngine:
         )
         self._requests: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.async_scheduling = settings.async_scheduling and hasattr(executor, "launch")
+        self._ahead: tuple[SchedulerOutput, StepHandle] | None = None
+        """The step launched ahead by the previous `step()` call, still running."""
+        self.num_ahead_steps = 0
+        """Steps that were launched ahead (async scheduling)."""
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> LLMEngine:
@@ -167,16 +201,28 @@ class LLMEngine:
         return outputs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._ahead is not None or self.scheduler.has_work()
 
     # ---- stepping -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        reported: list[Sequence] = self.scheduler.take_failed()
-        if not batch.is_empty:
-            results = self.executor.execute(batch)
-            reported += self.scheduler.update(batch, results)
+        reported: list[Sequence] = []
+        batch: SchedulerOutput | None = None
+        if self._ahead is not None:
+            batch, handle = self._ahead
+            self._ahead = None
+        else:
+            scheduled = self.scheduler.schedule()
+            reported = self.scheduler.take_failed()
+            if not scheduled.is_empty:
+                batch, handle = scheduled, self._launch(scheduled)
+        if batch is not None:
+            if self.async_scheduling:
+                ahead = self.scheduler.schedule_ahead()
+                if ahead is not None:
+                    self._ahead = (ahead, self._launch(ahead))
+                    self.num_ahead_steps += 1
+            reported += self.scheduler.on_results(batch, handle.wait())
             self.num_steps += 1
         outputs = []
         for seq in reported:
@@ -184,6 +230,13 @@ class LLMEngine:
             if seq.is_finished:
                 self._requests.pop(seq.request_id, None)
         return outputs
+
+    def _launch(self, batch: SchedulerOutput) -> StepHandle:
+        """Hand `batch` to the executor and mark it launched in the scheduler."""
+        launch = getattr(self.executor, "launch", None)
+        handle = launch(batch) if launch is not None else _Done(self.executor.execute(batch))
+        self.scheduler.on_launched(batch)
+        return handle
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """The delta since seq's previous output, marking it sent."""

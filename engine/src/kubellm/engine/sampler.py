@@ -12,15 +12,20 @@ a preemption and recompute. Requests without a seed share the engine's generator
 
 Logprobs are taken from log_softmax of the raw model logits (before penalties and temperature),
 as vLLM does by default.
+
+`sample()` only queues device work: the tokens (and logprobs) are copied to pinned host memory
+asynchronously, and `SampledBatch.results()` waits for them. `__call__` does both at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
 from kubellm.engine.sequence import SampleResult, Sequence
+from kubellm.engine.transfer import device_tensor, to_host
 from kubellm.protocol.messages import PositionLogprobs, SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
@@ -42,21 +47,29 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[SampleResult]:
-        """logits [S, V] (float32), one row per sequence in `seqs` -> one result each."""
+        """logits [S, V] (any float dtype; used as float32), one row per sequence -> results."""
+        return self.sample(logits, seqs).results()
+
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SampledBatch:
+        """Queue the sampling of one token per row; nothing waits for the device."""
         params = [s.sampling for s in seqs]
+        if all(_plain_greedy(p, s.num_output_tokens) for p, s in zip(params, seqs, strict=True)):
+            # argmax of the model-dtype logits is the argmax of their float32 copies (the
+            # conversion is exact), so the [S, V] conversion is skipped.
+            tokens = logits.argmax(dim=-1)
+            return SampledBatch(tokens, to_host(tokens), None)
+        logits = logits.float()
         raw = logits
         logits = self._apply_penalties(logits, seqs, params)
         logits = self._apply_min_tokens(logits, seqs, params, logits is raw)
         tokens = logits.argmax(dim=-1)
         rand_rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k != 1]
         if rand_rows:
-            idx = torch.tensor(rand_rows, dtype=torch.long, device=logits.device)
+            idx = device_tensor(rand_rows, torch.long, logits.device)
             rand_params = [params[i] for i in rand_rows]
             noise = self._noise([seqs[i] for i in rand_rows], logits.shape[1])
             tokens[idx] = _sample(logits[idx], rand_params, noise)
-        token_ids: list[int] = tokens.tolist()
-        lps = _logprobs(raw, tokens, params)
-        return [SampleResult(t, lps.get(i)) for i, t in enumerate(token_ids)]
+        return SampledBatch(tokens, to_host(tokens), _logprob_tensors(raw, tokens, params))
 
     def _apply_penalties(
         self, logits: torch.Tensor, seqs: Seq[Sequence], params: list[SamplingParams]
@@ -70,7 +83,7 @@ class Sampler:
             return logits
         vocab = logits.shape[1]
         dev = logits.device
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        idx = device_tensor(rows, torch.long, dev)
         out_counts = _count_rows([seqs[i].output_token_ids for i in rows], vocab, dev)
         seen = _count_rows([seqs[i].prompt_token_ids for i in rows], vocab, dev) > 0
         seen |= out_counts > 0
@@ -114,7 +127,7 @@ class Sampler:
                 return noise.exponential_(generator=self.generator)
             part = torch.empty(len(unseeded), vocab, device=self.device)
             part.exponential_(generator=self.generator)
-            noise[torch.tensor(unseeded, dtype=torch.long, device=self.device)] = part
+            noise[device_tensor(unseeded, torch.long, self.device)] = part
         for i, s in enumerate(seqs):
             seed = s.sampling.seed
             if seed is not None:
@@ -124,8 +137,20 @@ class Sampler:
         return noise
 
 
+def _plain_greedy(p: SamplingParams, num_output_tokens: int) -> bool:
+    """Greedy with nothing that reads the logits beyond their argmax."""
+    return (
+        (p.temperature == 0 or p.top_k == 1)
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and num_output_tokens >= p.min_tokens
+    )
+
+
 def _col(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return device_tensor(values, torch.float32, device)[:, None]
 
 
 def _count_rows(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -162,7 +187,7 @@ def _top_k_top_p(x: torch.Tensor, ks: list[int], top_ps: list[float]) -> torch.T
     dev = x.device
     sorted_x, order = x.sort(dim=-1, descending=True)
     ranks = torch.arange(x.shape[1], device=dev)[None, :]
-    k_t = torch.tensor(ks, dtype=torch.long, device=dev)[:, None]
+    k_t = device_tensor(ks, torch.long, dev)[:, None]
     sorted_x = sorted_x.masked_fill(ranks >= k_t, float("-inf"))
     p_t = _col(top_ps, dev)
     probs = sorted_x.softmax(dim=-1)
@@ -172,28 +197,71 @@ def _top_k_top_p(x: torch.Tensor, ks: list[int], top_ps: list[float]) -> torch.T
     return torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
 
 
-def _logprobs(
+@dataclass
+class _LogprobTensors:
+    """The logprob rows of a step, copied (or being copied) to the host."""
+
+    rows: list[int]
+    ks: list[int]
+    tokens: torch.Tensor
+    sampled: torch.Tensor
+    top_vals: torch.Tensor | None
+    top_ids: torch.Tensor | None
+
+    def to_results(self) -> dict[int, PositionLogprobs]:
+        token_list: list[int] = self.tokens.tolist()
+        sampled: list[float] = self.sampled.tolist()
+        top_vals: list[list[float]] = [[] for _ in self.rows]
+        top_ids: list[list[int]] = [[] for _ in self.rows]
+        if self.top_vals is not None and self.top_ids is not None:
+            top_vals, top_ids = self.top_vals.tolist(), self.top_ids.tolist()
+        out: dict[int, PositionLogprobs] = {}
+        for j, i in enumerate(self.rows):
+            k = self.ks[j]
+            top = tuple(
+                TokenLogprob(t, v) for t, v in zip(top_ids[j][:k], top_vals[j][:k], strict=True)
+            )
+            out[i] = PositionLogprobs(sampled=TokenLogprob(token_list[j], sampled[j]), top=top)
+        return out
+
+
+def _logprob_tensors(
     raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
-) -> dict[int, PositionLogprobs]:
+) -> _LogprobTensors | None:
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
-        return {}
-    idx = torch.tensor(rows, dtype=torch.long, device=raw.device)
+        return None
+    idx = device_tensor(rows, torch.long, raw.device)
     lp = torch.log_softmax(raw[idx], dim=-1)
-    sampled = lp.gather(1, tokens[idx][:, None])[:, 0].tolist()
+    row_tokens = tokens[idx]
+    sampled = lp.gather(1, row_tokens[:, None])[:, 0]
     ks = [min(params[i].logprobs or 0, raw.shape[1]) for i in rows]
     kmax = max(ks)
-    top_vals: list[list[float]] = [[] for _ in rows]
-    top_ids: list[list[int]] = [[] for _ in rows]
+    vals = ids = None
     if kmax > 0:
         vals, ids = lp.topk(kmax, dim=-1)
-        top_vals, top_ids = vals.tolist(), ids.tolist()
-    token_list = tokens[idx].tolist()
-    out: dict[int, PositionLogprobs] = {}
-    for j, i in enumerate(rows):
-        k = ks[j]
-        top = tuple(
-            TokenLogprob(t, v) for t, v in zip(top_ids[j][:k], top_vals[j][:k], strict=True)
-        )
-        out[i] = PositionLogprobs(sampled=TokenLogprob(token_list[j], sampled[j]), top=top)
-    return out
+        vals, ids = to_host(vals), to_host(ids)
+    return _LogprobTensors(rows, ks, to_host(row_tokens), to_host(sampled), vals, ids)
+
+
+class SampledBatch:
+    """One step's sampled tokens: on the device now, on the host after `results()`."""
+
+    def __init__(
+        self, tokens: torch.Tensor, host_tokens: torch.Tensor, logprobs: _LogprobTensors | None
+    ) -> None:
+        self.tokens = tokens
+        """Device tensor [S] (long): what the next step launched ahead reads its inputs from."""
+        self._host = host_tokens
+        self._logprobs = logprobs
+        self._ready: torch.cuda.Event | None = None
+        if tokens.device.type == "cuda":
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def results(self) -> list[SampleResult]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids: list[int] = self._host.tolist()
+        lps = self._logprobs.to_results() if self._logprobs is not None else {}
+        return [SampleResult(t, lps.get(i)) for i, t in enumerate(token_ids)]

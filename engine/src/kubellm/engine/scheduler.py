@@ -179,26 +179,87 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    # ---- async scheduling -----------------------------------------------------------------
+
+    def schedule_ahead(self) -> SchedulerOutput | None:
+        """The next decode step, scheduled while the previous step still runs on the device.
+
+        Called after `on_launched` of that step and before its `on_results`: every running
+        sequence then has its newest token pending (sampled on the device, id unknown). Returns
+        None, and the caller runs the next step synchronously, unless every running sequence is
+        decoding with exactly one pending token, none needs its output history (penalties), no
+        request waits for admission, and each gets its KV slot without preemption. A sequence
+        whose pending token ends it by length is left out; one that stops on EOS or a stop token
+        wastes its share of this step, whose result is then ignored.
+        """
+        if self.waiting or self._failed or len(self.running) > self.max_num_batched_tokens:
+            return None
+        bm = self.block_manager
+        scheduled: list[ScheduledSeq] = []
+        for seq in self.running:
+            if seq.num_pending_tokens != 1 or seq.num_computed_tokens != seq.num_tokens:
+                return None
+            if _needs_history(seq):
+                return None
+            if self._ends_by_length(seq, seq.num_tokens + 1):
+                continue
+            target = seq.num_tokens + 1
+            if bm.blocks_for(target) > bm.num_blocks or not bm.allocate_slots(seq, target):
+                return None
+            scheduled.append(ScheduledSeq(seq, 1, sample=True))
+        if not scheduled:
+            return None
+        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=len(scheduled))
+
+    def _ends_by_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether holding `num_tokens` tokens (pending ones included) finishes seq by length."""
+        return seq.num_output_tokens >= seq.sampling.max_tokens or num_tokens >= self.max_model_len
+
     # ---- after the model ran --------------------------------------------------------------
 
     def update(self, output: SchedulerOutput, results: list[SampleResult]) -> list[Sequence]:
-        """Apply one executed step; returns the sequences that got a new token, in order."""
+        """Apply one executed step (`on_launched` then `on_results`)."""
+        self.on_launched(output)
+        return self.on_results(output, results)
+
+    def on_launched(self, output: SchedulerOutput) -> None:
+        """A step was handed to the device: its tokens count as computed, and each sampling
+        entry's next token is pending until `on_results`."""
+        before = output.computed_before
+        before.clear()
+        for entry in output.scheduled:
+            seq = entry.seq
+            before.append(seq.num_computed_tokens)
+            seq.num_computed_tokens += entry.num_new_tokens
+            if entry.sample:
+                seq.num_pending_tokens += 1
+
+    def on_results(self, output: SchedulerOutput, results: list[SampleResult]) -> list[Sequence]:
+        """Apply a launched step's sampled tokens; returns the sequences that got one, in order.
+
+        Sequences that finished while the step ran (aborted, or stopped by the step before)
+        are skipped: their share of the step is discarded.
+        """
         num_samples = sum(1 for entry in output.scheduled if entry.sample)
         if len(results) != num_samples:
             raise RuntimeError(
                 f"executor returned {len(results)} results for {num_samples} sampled sequences"
             )
+        if len(output.computed_before) != len(output.scheduled):
+            raise RuntimeError("on_results of a step that was not marked launched")
         sampled: list[Sequence] = []
         it = iter(results)
-        for entry in output.scheduled:
+        for entry, before in zip(output.scheduled, output.computed_before, strict=True):
             seq = entry.seq
-            before = seq.num_computed_tokens
-            seq.num_computed_tokens = before + entry.num_new_tokens
-            self.block_manager.register_full_blocks(seq, before)
-            if not entry.sample:
+            result = next(it) if entry.sample else None
+            if seq.is_finished:
                 continue
-            result = next(it)
-            seq.token_ids.append(result.token_id)
+            if result is not None:
+                seq.num_pending_tokens -= 1
+                seq.token_ids.append(result.token_id)
+            self.block_manager.register_full_blocks(seq, before)
+            if result is None:
+                continue
             if seq.sampling.logprobs is not None and result.logprobs is not None:
                 seq.logprobs.append(result.logprobs)
             sampled.append(seq)
@@ -209,9 +270,10 @@ class Scheduler:
         return sampled
 
     def check_stop(self, seq: Sequence) -> FinishReason | None:
-        """The finish reason after seq's newest token, or None to go on. Sets stop_token_id."""
+        """The finish reason after seq's newest known token, or None to go on. Sets
+        stop_token_id. (Tokens of a step launched ahead are still pending and do not count.)"""
         sp = seq.sampling
-        num_out = seq.num_output_tokens
+        num_out = seq.num_tokens - seq.num_prompt_tokens
         if num_out >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         if num_out < sp.min_tokens:
@@ -223,6 +285,12 @@ class Scheduler:
             seq.stop_token_id = last
             return "stop"
         return None
+
+
+def _needs_history(seq: Sequence) -> bool:
+    """Whether sampling seq reads its output tokens (penalties), so no token may be pending."""
+    sp = seq.sampling
+    return sp.repetition_penalty != 1.0 or bool(sp.presence_penalty or sp.frequency_penalty)
 
 
 def _arrival_key(seq: Sequence) -> tuple[float, int]:

@@ -46,6 +46,9 @@ class Sequence:
     """With finish_reason="error": why the engine failed this sequence."""
     seq_no: int = 0
     """Admission order, assigned by the scheduler; breaks arrival_time ties."""
+    num_pending_tokens: int = 0
+    """Tokens sampled by steps still running on the device: logically they follow token_ids,
+    but their ids are not known yet (async scheduling; 0 otherwise)."""
     block_hashes: list[int] = field(default_factory=list)
     """Chained prefix-cache hashes of the leading full blocks of token_ids (computed lazily by
     the block manager; valid as long as token_ids only grow)."""
@@ -70,6 +73,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens (prompt and generated); pending ones are not counted."""
         return len(self.token_ids)
 
     @property
@@ -82,7 +86,8 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Generated tokens, the pending ones included."""
+        return len(self.token_ids) - self.num_prompt_tokens + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -104,6 +109,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     num_batched_tokens: int
     preempted_ids: list[str] = field(default_factory=list)
+    computed_before: list[int] = field(default_factory=list)
+    """Each entry's num_computed_tokens before the step, set by `Scheduler.on_launched`."""
 
     @property
     def is_empty(self) -> bool:

@@ -47,9 +47,16 @@ class EngineSettings(_Settings):
     """Seed of the engine's random generator (requests with their own seed ignore it)."""
     enforce_eager: bool = False
     """Disable CUDA graphs (GPU only)."""
+    async_scheduling: bool = True
+    """Schedule and launch the next decode step while the GPU still runs the current one (its
+    input tokens are taken from the GPU); steps that need penalties or admit new requests run
+    synchronously. Off: every step waits for the previous step's tokens."""
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """Paged attention implementation: "triton" (our Triton kernels for the KV-cache writes and
     decode attention; CUDA only), "torch" (SDPA), or "auto" (triton on CUDA when it imports)."""
+    fused_kernels: bool = True
+    """With the triton backend: run RMSNorm (+ residual add), q/k norm + RoPE + the K/V store,
+    and SiLU-and-mul as fused Triton kernels, one launch each (off: plain torch ops)."""
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often the engine core reports that it is alive."""
     engine_backend: Literal["model", "dummy"] = "model"

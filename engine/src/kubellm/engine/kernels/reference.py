@@ -54,3 +54,88 @@ def reference_decode_attention(
     probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # all-masked rows (seq_len 0) -> 0
     out = torch.einsum("bhgl,blhd->bhgd", probs, values)
     return out.reshape(batch, num_heads, head_dim)
+
+
+def reference_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each chunk's new tokens over its paged context, in float32.
+
+    q [T, Hq, D]: the chunks' new tokens back to back, chunk s owning rows
+    [cu_query_lens[s], cu_query_lens[s + 1]); context_lens [S] counts each context including its
+    new tokens, whose K/V the caches already hold; block_table [S, max_blocks]. Query row i of
+    chunk s (n_s new tokens) sits at position context_lens[s] - n_s + i and sees positions
+    0..that one. Returns float32 [T, Hq, D]; rows outside every chunk are zeros.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    bounds = cu_query_lens.tolist()
+    for s, context in enumerate(context_lens.tolist()):
+        start, end = bounds[s], bounds[s + 1]
+        if end == start:
+            continue
+        num_blocks = -(-context // block_size)
+        table = block_table[s, :num_blocks].long()
+        keys = k_cache[table].float().reshape(-1, num_kv_heads, head_dim)[:context]
+        values = v_cache[table].float().reshape(-1, num_kv_heads, head_dim)[:context]
+        q_pos = torch.arange(context - (end - start), context, device=q.device)
+        visible = torch.arange(context, device=q.device)[None, :] <= q_pos[:, None]
+        qs = q[start:end].float().view(end - start, num_kv_heads, group, head_dim)
+        scores = torch.einsum("thgd,lhd->hgtl", qs, keys) * scale
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        o = torch.einsum("hgtl,lhd->thgd", probs, values)
+        out[start:end] = o.reshape(end - start, num_heads, head_dim)
+    return out
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim, all in float32 (float32 result)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] -> silu(first half) * second half, in float32."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def reference_qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    heads: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed qkv [T, (Hq + 2 Hk) D] -> float32 (q, k, v) of [T, H, D]: q and k per-head
+    RMSNormed (when the weights are given), then rotated by half-split RoPE at `positions`
+    (cos/sin [max_positions, D/2]); v as it is. `heads` is (Hq, Hk, D)."""
+    num_heads, num_kv_heads, head_dim = heads
+    t = qkv.shape[0]
+    q, k, v = qkv.float().split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
+    )
+    q = q.reshape(t, num_heads, head_dim)
+    k = k.reshape(t, num_kv_heads, head_dim)
+    if q_norm_weight is not None and k_norm_weight is not None:
+        q = reference_rms_norm(q, q_norm_weight, eps)
+        k = reference_rms_norm(k, k_norm_weight, eps)
+    c = cos[positions.long()].float().unsqueeze(1)
+    s = sin[positions.long()].float().unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    return rotate(q), rotate(k), v.reshape(t, num_kv_heads, head_dim)

@@ -11,23 +11,40 @@ first `import triton` of the process (tests/engine/conftest.py does so on machin
 Decode attention (`paged_decode_attention`): grid (B, Hk, partitions). One program takes one
 sequence, one KV head and one partition of the context (`partition_size` tokens), packs the
 Hq/Hk query heads sharing that KV head as the rows of a `tl.dot` (so each K/V tile is read once
-per KV head), and runs an online softmax over tiles of min(partition, 64) tokens in float32. A reduce
+per KV head), and runs an online softmax over tiles of min(partition, DECODE_CONFIG.tile) tokens in float32. A reduce
 kernel then combines the partitions' (max, sum, unnormalised output). With one partition the
 first kernel writes the output itself. The grid depends only on B and max_blocks (host-known),
 there is no host sync, so a CUDA graph can capture it for a fixed padded shape.
 """
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_MAX_PARTITION = 512
+_MAX_PARTITION = 2048
+"""At batch 256 one partition per sequence (no reduce kernel) measured fastest on an H100
+(bench/RESULTS.md run 9: 2.9 TB/s of K/V against 2.7 TB/s with partitions of 512)."""
 _MIN_PARTITION = 64
 _TARGET_PROGRAMS = 1024
 """Partitions shrink (down to _MIN_PARTITION) until the decode grid has about this many programs,
 so small batches still fill the GPU's SMs."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel (tuned on the GPU: bench/decode_kernel_bench.py)."""
+
+    tile: int = 128
+    """Tokens per inner iteration (capped at the partition size)."""
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DECODE_CONFIG = DecodeConfig()
 
 
 @triton.jit
@@ -264,7 +281,7 @@ def store_kv(
 
 
 def choose_partition_size(batch: int, num_kv_heads: int, max_context: int) -> int:
-    """Tokens per split-K partition: 512, halved while the grid would have too few programs."""
+    """Tokens per split-K partition: 2048, halved while the grid would have too few programs."""
     part = _MAX_PARTITION
     while part > _MIN_PARTITION and batch * num_kv_heads * -(-max_context // part) < (
         _TARGET_PROGRAMS
@@ -312,14 +329,17 @@ def paged_decode_attention(
     scale: float,
     *,
     partition_size: int | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context -> [B, Hq, D] (q's dtype).
 
     q [B, Hq, D]; caches [num_blocks, block_size, Hk, D]; block_table int32 [B, max_blocks]
     (entries past a context's end are never read); seq_lens int32 [B], the context length
     including the new token (0 gives zeros; values beyond max_blocks * block_size are clipped).
-    `partition_size` (a power of two >= 16) overrides `choose_partition_size`.
+    `partition_size` (a power of two >= 16) overrides `choose_partition_size`; `config`
+    overrides `DECODE_CONFIG` (tile, warps, pipeline stages).
     """
+    cfg = config or DECODE_CONFIG
     _check_decode_inputs(q, k_cache, v_cache, block_table, seq_lens)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -364,11 +384,13 @@ def paged_decode_attention(
         GROUP_PAD=_pow2(group, 16),
         HEAD_DIM=head_dim,
         DIM_PAD=_pow2(head_dim, 16),
-        TILE=min(part, 64),
+        TILE=min(part, cfg.tile),
         PARTITION=part,
         NUM_PARTITIONS=num_parts,
         IEEE=q.dtype == torch.float32,
         UPCAST_DOT=q.dtype == torch.bfloat16 and _interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if num_parts > 1:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -8,6 +8,8 @@ Hugging Face tensors make up each packed parameter, in order.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -30,10 +32,14 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rope = [rope]  # a list, so the shared module is not registered once per layer
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.kernels: ModuleType | None = None
+        """The fused Triton kernels: q/k norm, RoPE and the K/V store in one launch."""
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        if self.kernels is not None:
+            return self._forward_fused(self.kernels, positions, x, meta)
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -44,6 +50,27 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k)
         q, k = self.rope[0](positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
+
+    def _forward_fused(
+        self, kernels: ModuleType, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        rope = self.rope[0]
+        q = kernels.qk_norm_rope_store(
+            self.qkv_proj(x),
+            positions,
+            rope.cos,
+            rope.sin,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.q_norm.eps if self.q_norm is not None else 0.0,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.attn.k_cache,
+            self.attn.v_cache,
+            meta.slot_mapping,
+        )
+        return self.o_proj(self.attn.attend(q, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -130,8 +157,17 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, hidden] (the rows to sample from) -> float32 logits [S, vocab]."""
-        return torch.nn.functional.linear(hidden, self.lm_head.weight).float()
+        """hidden [S, hidden] (the rows to sample from) -> logits [S, vocab] in the model's
+        dtype (the sampler converts them to float32 where it needs more than their argmax)."""
+        return torch.nn.functional.linear(hidden, self.lm_head.weight)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [m for m in self.modules() if isinstance(m, PagedAttention)]
+
+    def use_kernels(self, kernels: ModuleType | None) -> None:
+        """Route norms, q/k-norm + RoPE + K/V store, SiLU-mul and small-batch projections
+        through the Triton kernels of `kubellm.engine.kernels.triton_fused`, or back to plain
+        torch with None."""
+        for m in self.modules():
+            if isinstance(m, (Linear, RMSNorm, SiluAndMul, LlamaAttention)):
+                m.kernels = kernels
