@@ -503,3 +503,34 @@ def test_skinny_linear_refuses_bad_input(kernels: ModuleType) -> None:
         kernels.skinny_linear(x, torch.zeros(3, 8, device=DEVICE, dtype=BF16))
     with pytest.raises(ValueError, match="bias must be"):
         kernels.skinny_linear(x, torch.zeros(3, 8, device=DEVICE), torch.zeros(4, device=DEVICE))
+
+
+@pytest.mark.parametrize(
+    ("inter", "k_dim", "dtype"), [(5, 48, F32), (37, 300, BF16), (64, 64, F16)]
+)
+def test_skinny_gate_up_silu_is_the_two_kernels_in_one(
+    kernels: ModuleType, inter: int, k_dim: int, dtype: torch.dtype
+) -> None:
+    """Gate and up are rounded to the dtype before SiLU-mul, as with the unfused kernels, so
+    the one launch agrees with `silu_and_mul(skinny_linear(x, w))` to one rounding."""
+    gen = _gen(inter)
+    x = _rows(gen, 1, k_dim, dtype)
+    w = _randn(gen, 2 * inter, k_dim, dtype=dtype)
+    fused = kernels.skinny_gate_up_silu(x, w)
+    assert fused.shape == (1, inter) and fused.dtype == dtype
+    two = kernels.silu_and_mul(kernels.skinny_linear(x, w))
+    _within(fused, two, UNIT_ROUNDOFF[dtype] * two.float().abs())
+    ref = reference_silu_and_mul((x.float() @ w.float().T).to(dtype))
+    _within(fused, ref, 3 * UNIT_ROUNDOFF[dtype] * ref.abs() + 1e-4)
+
+
+def test_skinny_gate_up_silu_refuses_bad_input(kernels: ModuleType) -> None:
+    x = torch.zeros(1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="exactly one row"):
+        kernels.skinny_gate_up_silu(
+            torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
+        )
+    with pytest.raises(ValueError, match="even row count"):
+        kernels.skinny_gate_up_silu(x, torch.zeros(5, 8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"weight must be \[2I, 8\]"):
+        kernels.skinny_gate_up_silu(x, torch.zeros(4, 7, device=DEVICE))

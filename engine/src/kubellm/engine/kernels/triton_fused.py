@@ -33,7 +33,8 @@ them):
   `SKINNY_MAX_ROWS`). cuBLAS picks GEMM tiles that read the weights at about 1 TB/s there
   (bench/RESULTS.md run 9's batch-1 profile: 65 % of the step); this streams W once in
   [BLOCK_N, BLOCK_K] tiles, each program owning BLOCK_N output columns for all rows, with float32
-  products summed over K.
+  products summed over K. `skinny_gate_up_silu` does the MLP's gate/up projection and
+  SiLU-and-mul for one row in one launch.
 """
 
 from __future__ import annotations
@@ -329,6 +330,80 @@ def skinny_linear(
         out.stride(0),
         HAS_BIAS=bias is not None,
         BLOCK_M=_pow2(rows),
+        BLOCK_N=block_n,
+        BLOCK_K=min(cfg.block_k, max(16, _pow2(k_dim))),
+        EMULATE_RNE=_interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+@triton.jit
+def _skinny_gate_up_silu_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    inter,
+    K,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+):
+    """One row: out[j] = silu(x . W[j]) * (x . W[inter + j]), with gate and up rounded to the
+    dtype first, as the unfused projection + `silu_and_mul` do."""
+    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < inter
+    gate_rows = w_ptr + j.to(tl.int64)[:, None] * stride_wn
+    up_rows = w_ptr + (j + inter).to(tl.int64)[:, None] * stride_wn
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w_mask = j_ok[:, None] & k_ok[None, :]
+        acc_gate += tl.load(gate_rows + k[None, :], mask=w_mask, other=0.0).to(tl.float32) * x
+        acc_up += tl.load(up_rows + k[None, :], mask=w_mask, other=0.0).to(tl.float32) * x
+    dtype = out_ptr.dtype.element_ty
+    gate = _cast(tl.sum(acc_gate, axis=1), dtype, EMULATE_RNE).to(tl.float32)
+    up = _cast(tl.sum(acc_up, axis=1), dtype, EMULATE_RNE).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + j, _cast(out, dtype, EMULATE_RNE), mask=j_ok)
+
+
+def skinny_gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One row: `silu_and_mul(skinny_linear(x, weight))` in one launch. x [1, K], weight
+    [2I, K] (the packed gate/up projection) -> [1, I] in x's dtype."""
+    _check_rows("x", x)
+    rows, k_dim = x.shape
+    if rows != 1:
+        raise ValueError(f"skinny_gate_up_silu takes exactly one row, got {rows}")
+    if weight.dim() != 2 or weight.shape[1] != k_dim or weight.stride(1) != 1:
+        raise ValueError(
+            f"weight must be [2I, {k_dim}] with a contiguous last dim, got {list(weight.shape)}"
+        )
+    if weight.shape[0] % 2:
+        raise ValueError(
+            f"the packed gate/up weight needs an even row count, got {weight.shape[0]}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
+    _check_devices(x=x, weight=weight)
+    inter = weight.shape[0] // 2
+    out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
+    if inter == 0 or k_dim == 0:
+        return out.zero_()
+    cfg = SKINNY_CONFIG
+    block_n = max(1, cfg.block_n // 2)  # two weight rows per output column
+    _skinny_gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
+        x,
+        weight,
+        out,
+        inter,
+        k_dim,
+        weight.stride(0),
         BLOCK_N=block_n,
         BLOCK_K=min(cfg.block_k, max(16, _pow2(k_dim))),
         EMULATE_RNE=_interpreting(),

@@ -79,8 +79,14 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.act = SiluAndMul()
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.kernels: ModuleType | None = None
+        """The fused Triton kernels: one row's gate/up projection and SiLU-mul in one launch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self.kernels
+        one_row = x.dim() == 2 and x.shape[0] == 1
+        if kernels is not None and one_row and self.gate_up_proj.bias is None:
+            return self.down_proj(kernels.skinny_gate_up_silu(x, self.gate_up_proj.weight))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
@@ -169,5 +175,5 @@ class LlamaForCausalLM(nn.Module):
         through the Triton kernels of `kubellm.engine.kernels.triton_fused`, or back to plain
         torch with None."""
         for m in self.modules():
-            if isinstance(m, (Linear, RMSNorm, SiluAndMul, LlamaAttention)):
+            if isinstance(m, (Linear, RMSNorm, SiluAndMul, LlamaAttention, LlamaMLP)):
                 m.kernels = kernels
