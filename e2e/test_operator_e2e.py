@@ -400,12 +400,11 @@ def _spec_change_rolls(stack: Stack, server: dict[str, Any], replicas: int) -> N
         done = new_hash != old_hash and len(pods) == len(fresh) == replicas
         return str(new_hash) if done else None
 
-    deletes_before = stack.operator.log.read_text(errors="replace").count("write: delete pod")
     new_hash = stack.wait("the engines to roll", rolled)
-    # The operator replaced the old engine pods itself (all at once), not only the StatefulSet
-    # controller's one-by-one rolling update (kubellm.operator.rollout).
-    deletes = stack.operator.log.read_text(errors="replace").count("write: delete pod")
-    assert deletes > deletes_before, stack.operator.log_tail()
+    # Who deleted the old pods is not asserted here: kwok marks pods Ready at once, so the
+    # StatefulSet controller's own rolling update can replace both before the operator lists
+    # them (a race CI hit once). The operator's all-at-once replacement is covered by
+    # tests/operator/test_rollout.py; here, every engine pod must end on the new spec.
     for pod in _pods(stack, name, "engine"):
         assert pod["metadata"]["labels"][HASH_LABEL] == new_hash
         assert "--max-num-seqs 17" in " ".join(_container_args(pod)), _container_args(pod)
