@@ -71,6 +71,13 @@ def main() -> int:
     )
     for part, tile, warps, stages in configs:
         cfg = tp.DecodeConfig(tile=tile, num_warps=warps, num_stages=stages)
+        row = {
+            "name": "decode_kernel",
+            "partition": part,
+            "tile": tile,
+            "num_warps": warps,
+            "num_stages": stages,
+        }
         try:
             call = functools.partial(
                 tp.paged_decode_attention,
@@ -96,35 +103,14 @@ def main() -> int:
             torch.cuda.synchronize()
             ms = start.elapsed_time(end) / args.iters
         except Exception as exc:  # a config the compiler refuses: report it, go on
-            print(
-                json.dumps(
-                    {
-                        "name": "decode_kernel",
-                        "partition": part,
-                        "tile": tile,
-                        "num_warps": warps,
-                        "num_stages": stages,
-                        "error": str(exc)[:200],
-                    }
-                )
-            )
+            print(json.dumps({**row, "error": str(exc)[:200]}), flush=True)
             continue
-        print(
-            json.dumps(
-                {
-                    "name": "decode_kernel",
-                    **base,
-                    "partition": part,
-                    "tile": tile,
-                    "num_warps": warps,
-                    "num_stages": stages,
-                    "ms": round(ms, 4),
-                    "kv_tb_per_s": round(kv_bytes / ms / 1e9, 3),
-                    "max_abs_err_vs_default": round(err, 5),
-                }
-            ),
-            flush=True,
-        )
+        timing = {
+            "ms": round(ms, 4),
+            "kv_tb_per_s": round(kv_bytes / ms / 1e9, 3),
+            "max_abs_err_vs_default": round(err, 5),
+        }
+        print(json.dumps({**row, **base, **timing}), flush=True)
     return 0
 
 

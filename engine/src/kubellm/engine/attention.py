@@ -271,7 +271,9 @@ class PagedAttention(nn.Module):
                 vb.max_query_len,
                 scale,
             )
-        elif meta.decode is not None and meta.decode.token_idx is None:
+        elif meta.decode is not None:
+            if meta.decode.token_idx is not None:
+                raise ValueError("a Triton decode batch covers the whole step (no token_idx)")
             out = kernels.paged_decode_attention(
                 q,
                 self.k_cache,
@@ -280,9 +282,6 @@ class PagedAttention(nn.Module):
                 meta.decode.seq_lens,
                 scale,
             )
-        elif meta.decode is not None:
-            out = torch.empty_like(q)
-            self._decode_triton(kernels, q, meta.decode, out)
         else:
             raise ValueError("the attention metadata describes no tokens")
         return out.view(q.shape[0], self.num_heads * self.head_dim)
@@ -303,23 +302,6 @@ class PagedAttention(nn.Module):
         values = self._gather(self.v_cache, batch.block_table).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.mask)
         o = o.reshape(n, self.num_heads, self.head_dim)
-        if batch.token_idx is None:
-            out.copy_(o)
-        else:
-            out[batch.token_idx] = o
-
-    def _decode_triton(
-        self, kernels: ModuleType, q: torch.Tensor, batch: DecodeBatch, out: torch.Tensor
-    ) -> None:
-        qd = q if batch.token_idx is None else q[batch.token_idx]
-        o = kernels.paged_decode_attention(
-            qd,
-            self.k_cache,
-            self.v_cache,
-            batch.block_table,
-            batch.seq_lens,
-            1.0 / math.sqrt(self.head_dim),
-        )
         if batch.token_idx is None:
             out.copy_(o)
         else:

@@ -273,6 +273,19 @@ def _skinny_linear_kernel(
         _skinny_store(out_ptr, b_ptr, 3, M, N, stride_om, n, acc3, HAS_BIAS, EMULATE_RNE)
 
 
+def _check_projection(name: str, x: torch.Tensor, weight: torch.Tensor, rows_label: str) -> None:
+    """x [M, K] rows and a [rows_label, K] weight of x's dtype with a contiguous last dim."""
+    _check_rows("x", x)
+    k_dim = x.shape[1]
+    if weight.dim() != 2 or weight.shape[1] != k_dim or weight.stride(1) != 1:
+        raise ValueError(
+            f"{name}: weight must be [{rows_label}, {k_dim}] with a contiguous last dim, "
+            f"got {list(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{name}: weight is {weight.dtype} but x is {x.dtype}")
+
+
 @dataclass(frozen=True)
 class SkinnyConfig:
     """Launch parameters of `skinny_linear` (swept by bench/skinny_linear_bench.py)."""
@@ -296,16 +309,10 @@ def skinny_linear(
 ) -> torch.Tensor:
     """x [M, K] (M <= 4) @ weight[N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
     `config` overrides `SKINNY_CONFIG` (and its halving for narrow layers)."""
-    _check_rows("x", x)
+    _check_projection("skinny_linear", x, weight, "N")
     rows, k_dim = x.shape
     if rows > _SKINNY_KERNEL_ROWS:
         raise ValueError(f"skinny_linear takes at most {_SKINNY_KERNEL_ROWS} rows, got {rows}")
-    if weight.dim() != 2 or weight.shape[1] != k_dim or weight.stride(1) != 1:
-        raise ValueError(
-            f"weight must be [N, {k_dim}] with a contiguous last dim, got {list(weight.shape)}"
-        )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
     n_dim = weight.shape[0]
     if bias is not None:
         _check_weight("bias", bias, n_dim)
@@ -376,20 +383,14 @@ def _skinny_gate_up_silu_kernel(
 def skinny_gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """One row: `silu_and_mul(skinny_linear(x, weight))` in one launch. x [1, K], weight
     [2I, K] (the packed gate/up projection) -> [1, I] in x's dtype."""
-    _check_rows("x", x)
+    _check_projection("skinny_gate_up_silu", x, weight, "2I")
     rows, k_dim = x.shape
     if rows != 1:
         raise ValueError(f"skinny_gate_up_silu takes exactly one row, got {rows}")
-    if weight.dim() != 2 or weight.shape[1] != k_dim or weight.stride(1) != 1:
-        raise ValueError(
-            f"weight must be [2I, {k_dim}] with a contiguous last dim, got {list(weight.shape)}"
-        )
     if weight.shape[0] % 2:
         raise ValueError(
             f"the packed gate/up weight needs an even row count, got {weight.shape[0]}"
         )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
     _check_devices(x=x, weight=weight)
     inter = weight.shape[0] // 2
     out = torch.empty((1, inter), dtype=x.dtype, device=x.device)
